@@ -1,0 +1,457 @@
+//! The run configuration: one struct the whole run reads, loaded from TOML, overridable key by key
+//! (`--set train.meta_lr=0.0005`), and checked by [`Config::validate`], which names the field at fault.
+//!
+//! Every field documents its unit and default. The coordinator sends the validated TOML text to each
+//! worker in its `Welcome`, and the worker validates it again before use.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    #[error("config is not valid TOML or has a wrong field: {0}")]
+    Parse(String),
+    #[error("config field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+    #[error("--set {0}: expected KEY=VALUE, e.g. train.meta_lr=0.001")]
+    BadOverride(String),
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.to_string(), message: message.into() }
+}
+
+/// A whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Run seed; every random choice of the run (initial parameters, tasks) derives from it. Default 0.
+    pub seed: u64,
+    /// The task distribution. Default: sinusoid.
+    pub task: TaskConfig,
+    pub model: ModelConfig,
+    pub algo: AlgoConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+    pub cluster: ClusterConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            seed: 0,
+            task: TaskConfig::Sinusoid(RegressionTaskConfig::sinusoid_default()),
+            model: ModelConfig::default(),
+            algo: AlgoConfig::default(),
+            train: TrainConfig::default(),
+            eval: EvalConfig::default(),
+            cluster: ClusterConfig::default(),
+        }
+    }
+}
+
+/// Which task distribution, and its shape. `distribution` selects the variant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "distribution", rename_all = "kebab-case")]
+pub enum TaskConfig {
+    /// y = A·sin(x + φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5] (MAML's regression benchmark).
+    Sinusoid(RegressionTaskConfig),
+    /// y = x·w + b + σ·ε with x, w ~ N(0, I₂), b ~ N(0, 1), σ ~ U[0.01, 0.1] per task.
+    NoisyLinear(RegressionTaskConfig),
+    /// N-way K-shot episodes from the real Omniglot images (28×28, ink = 1.0).
+    Omniglot(OmniglotTaskConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegressionTaskConfig {
+    /// Support points per task. Default: 10 (sinusoid), 30 (noisy-linear).
+    pub support: usize,
+    /// Query points per task. Default: 10 (sinusoid), 20 (noisy-linear).
+    pub query: usize,
+}
+
+impl RegressionTaskConfig {
+    pub fn sinusoid_default() -> Self {
+        RegressionTaskConfig { support: 10, query: 10 }
+    }
+    pub fn noisy_linear_default() -> Self {
+        RegressionTaskConfig { support: 30, query: 20 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OmniglotTaskConfig {
+    /// Classes per episode (N). Default 5.
+    #[serde(default = "default_n_way")]
+    pub n_way: usize,
+    /// Support images per class (K). Default 1.
+    #[serde(default = "default_k_shot")]
+    pub k_shot: usize,
+    /// Query images per class (Q). Default 15. K + Q must be at most 20 (drawers per character).
+    #[serde(default = "default_q_query")]
+    pub q_query: usize,
+}
+
+fn default_n_way() -> usize {
+    5
+}
+fn default_k_shot() -> usize {
+    1
+}
+fn default_q_query() -> usize {
+    15
+}
+
+/// Functional models with explicit, named parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// MAML's regression net: in → 40 → 40 → 1 with ReLU.
+    Mlp,
+    /// in → 64 → LayerNorm → ReLU → 64 → LayerNorm → ReLU → 1.
+    MlpLn,
+    /// MAML's Omniglot net: four 3×3 conv (64) + batch norm + ReLU blocks, stride 2, then a linear head.
+    Conv4,
+}
+
+impl ModelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Mlp => "mlp",
+            ModelKind::MlpLn => "mlp-ln",
+            ModelKind::Conv4 => "conv4",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// `mlp`, `mlp-ln` or `conv4`. Default `mlp`.
+    pub name: ModelKind,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { name: ModelKind::Mlp }
+    }
+}
+
+/// Meta-learning algorithms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlgoKind {
+    /// Second-order MAML: the graph is kept through the inner loop.
+    Maml,
+    /// First-order MAML: the query gradient at the adapted parameters.
+    Fomaml,
+}
+
+impl AlgoKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AlgoKind::Maml => "maml",
+            AlgoKind::Fomaml => "fomaml",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlgoConfig {
+    /// `maml` or `fomaml`. Default `maml`.
+    pub name: AlgoKind,
+    /// SGD steps on the support loss during meta-training (K). Default 1.
+    pub inner_steps: usize,
+    /// Inner-loop SGD learning rate. Default 0.01.
+    pub inner_lr: f64,
+    /// Each inner gradient is clamped elementwise to [−c, c]. Default 10; `inf` turns clamping off.
+    pub inner_grad_clamp: f64,
+}
+
+impl Default for AlgoConfig {
+    fn default() -> Self {
+        AlgoConfig { name: AlgoKind::Maml, inner_steps: 1, inner_lr: 0.01, inner_grad_clamp: 10.0 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Meta-steps (outer updates). Default 1000.
+    pub steps: u64,
+    /// Tasks per meta-step (B). Default 25.
+    pub meta_batch: usize,
+    /// Adam learning rate of the outer update. Default 0.001.
+    pub meta_lr: f64,
+    /// Adam β₁. Default 0.9.
+    pub adam_beta1: f64,
+    /// Adam β₂. Default 0.999.
+    pub adam_beta2: f64,
+    /// Adam ε. Default 1e-8.
+    pub adam_eps: f64,
+    /// The averaged meta-gradient is rescaled to this global L2 norm when larger. Default 10.
+    pub max_grad_norm: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 1000,
+            meta_batch: 25,
+            meta_lr: 0.001,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            max_grad_norm: 10.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate on held-out tasks every this many meta-steps; 0 = only at the end. Default 100.
+    pub every: u64,
+    /// Held-out tasks per periodic evaluation. Default 100.
+    pub tasks: usize,
+    /// Held-out tasks of the final evaluation (the report's `eval`). Default 600.
+    pub final_tasks: usize,
+    /// Inner steps when adapting at evaluation. Default 10.
+    pub inner_steps: usize,
+    /// Inner learning rate at evaluation; absent = `algo.inner_lr`.
+    pub inner_lr: Option<f64>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { every: 100, tasks: 100, final_tasks: 600, inner_steps: 10, inner_lr: None }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Tasks a worker may hold at once (assigned, not yet returned). Default 4: enough to hide a round trip.
+    pub tasks_in_flight: usize,
+    /// A task not returned this many seconds after assignment is reassigned. Default 120.
+    pub task_timeout_secs: f64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { tasks_in_flight: 4, task_timeout_secs: 120.0 }
+    }
+}
+
+impl Config {
+    /// Parses TOML text, applies `KEY=VALUE` overrides, and validates.
+    pub fn from_toml_with_overrides(text: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        fill_task_defaults(&mut value);
+        let config: Config =
+            toml::Value::Table(value).try_into().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_toml_with_overrides(text, &[])
+    }
+
+    /// The TOML form (what workers receive and reports hold).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks fields against their ranges and against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match &self.task {
+            TaskConfig::Sinusoid(r) | TaskConfig::NoisyLinear(r) => {
+                if r.support == 0 || r.support > 100_000 {
+                    return Err(invalid("task.support", format!("must be in 1..=100000, got {}", r.support)));
+                }
+                if r.query == 0 || r.query > 100_000 {
+                    return Err(invalid("task.query", format!("must be in 1..=100000, got {}", r.query)));
+                }
+                if self.model.name == ModelKind::Conv4 {
+                    return Err(invalid("model.name", "conv4 takes images: use it with task.distribution = \"omniglot\"; regression tasks take \"mlp\" or \"mlp-ln\""));
+                }
+            }
+            TaskConfig::Omniglot(o) => {
+                if !(2..=1000).contains(&o.n_way) {
+                    return Err(invalid("task.n_way", format!("must be in 2..=1000, got {}", o.n_way)));
+                }
+                if o.k_shot == 0 || o.q_query == 0 || o.k_shot + o.q_query > 20 {
+                    return Err(invalid(
+                        "task.k_shot",
+                        format!(
+                            "k_shot ≥ 1, q_query ≥ 1 and k_shot + q_query ≤ 20 (Omniglot has 20 drawings per character); got {} + {}",
+                            o.k_shot, o.q_query
+                        ),
+                    ));
+                }
+                if self.model.name != ModelKind::Conv4 {
+                    return Err(invalid("model.name", "omniglot tasks take model \"conv4\""));
+                }
+            }
+        }
+        let a = &self.algo;
+        if a.inner_steps > 1000 {
+            return Err(invalid("algo.inner_steps", format!("must be at most 1000, got {}", a.inner_steps)));
+        }
+        if !(a.inner_lr.is_finite() && a.inner_lr >= 0.0) {
+            return Err(invalid("algo.inner_lr", format!("must be finite and ≥ 0, got {}", a.inner_lr)));
+        }
+        if a.inner_grad_clamp.is_nan() || a.inner_grad_clamp <= 0.0 {
+            return Err(invalid("algo.inner_grad_clamp", format!("must be > 0 (or inf), got {}", a.inner_grad_clamp)));
+        }
+        let t = &self.train;
+        if t.meta_batch == 0 || t.meta_batch > 1_000_000 {
+            return Err(invalid("train.meta_batch", format!("must be in 1..=1000000, got {}", t.meta_batch)));
+        }
+        if !(t.meta_lr.is_finite() && t.meta_lr > 0.0) {
+            return Err(invalid("train.meta_lr", format!("must be finite and > 0, got {}", t.meta_lr)));
+        }
+        if !(0.0..1.0).contains(&t.adam_beta1) {
+            return Err(invalid("train.adam_beta1", format!("must be in [0, 1), got {}", t.adam_beta1)));
+        }
+        if !(0.0..1.0).contains(&t.adam_beta2) {
+            return Err(invalid("train.adam_beta2", format!("must be in [0, 1), got {}", t.adam_beta2)));
+        }
+        if !(t.adam_eps.is_finite() && t.adam_eps > 0.0) {
+            return Err(invalid("train.adam_eps", format!("must be finite and > 0, got {}", t.adam_eps)));
+        }
+        if t.max_grad_norm.is_nan() || t.max_grad_norm <= 0.0 {
+            return Err(invalid("train.max_grad_norm", format!("must be > 0 (or inf), got {}", t.max_grad_norm)));
+        }
+        let e = &self.eval;
+        if e.final_tasks > 1_000_000 || e.tasks > 1_000_000 {
+            return Err(invalid("eval.tasks", "eval.tasks and eval.final_tasks must be at most 1000000"));
+        }
+        if e.every > 0 && e.tasks == 0 {
+            return Err(invalid("eval.tasks", "must be ≥ 1 when eval.every > 0"));
+        }
+        if e.inner_steps > 1000 {
+            return Err(invalid("eval.inner_steps", format!("must be at most 1000, got {}", e.inner_steps)));
+        }
+        if let Some(lr) = e.inner_lr {
+            if !(lr.is_finite() && lr >= 0.0) {
+                return Err(invalid("eval.inner_lr", format!("must be finite and ≥ 0, got {lr}")));
+            }
+        }
+        let c = &self.cluster;
+        if c.tasks_in_flight == 0 || c.tasks_in_flight > 4096 {
+            return Err(invalid("cluster.tasks_in_flight", format!("must be in 1..=4096, got {}", c.tasks_in_flight)));
+        }
+        if !(c.task_timeout_secs.is_finite() && c.task_timeout_secs > 0.0) {
+            return Err(invalid(
+                "cluster.task_timeout_secs",
+                format!("must be finite and > 0, got {}", c.task_timeout_secs),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Inner learning rate used at evaluation.
+    pub fn eval_inner_lr(&self) -> f64 {
+        self.eval.inner_lr.unwrap_or(self.algo.inner_lr)
+    }
+
+    /// Whether the tasks are classification (accuracy is reported).
+    pub fn is_classification(&self) -> bool {
+        matches!(self.task, TaskConfig::Omniglot(_))
+    }
+}
+
+/// Regression sections may leave `support`/`query` out; their defaults depend on the distribution.
+fn fill_task_defaults(table: &mut toml::Table) {
+    let Some(toml::Value::Table(task)) = table.get_mut("task") else { return };
+    let dist = task.get("distribution").and_then(|v| v.as_str()).map(str::to_string);
+    let defaults = match dist.as_deref() {
+        Some("sinusoid") => RegressionTaskConfig::sinusoid_default(),
+        Some("noisy-linear") => RegressionTaskConfig::noisy_linear_default(),
+        _ => return,
+    };
+    task.entry("support").or_insert(toml::Value::Integer(defaults.support as i64));
+    task.entry("query").or_insert(toml::Value::Integer(defaults.query as i64));
+}
+
+/// Applies one `a.b.c=value` override. The value is read as TOML (`0.1`, `true`, `"x"`, `inf`); anything
+/// that is not valid TOML is taken as a string, so `--set model.name=mlp-ln` works without quotes.
+pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
+    let (key, raw) = spec.split_once('=').ok_or_else(|| ConfigError::BadOverride(spec.to_string()))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+        return Err(ConfigError::BadOverride(spec.to_string()));
+    }
+    let raw = raw.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(invalid(key, format!("`{p}` is not a section"))),
+        };
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_default_and_valid() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn overrides_apply_and_are_typed() {
+        let c = Config::from_toml_with_overrides(
+            "[task]\ndistribution = \"noisy-linear\"\n",
+            &["train.meta_lr=0.01".into(), "model.name=mlp-ln".into(), "seed=7".into()],
+        )
+        .unwrap();
+        assert_eq!(c.train.meta_lr, 0.01);
+        assert_eq!(c.model.name, ModelKind::MlpLn);
+        assert_eq!(c.seed, 7);
+        assert_eq!(c.task, TaskConfig::NoisyLinear(RegressionTaskConfig { support: 30, query: 20 }));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::from_toml_with_overrides("", &["train.meta_batch=0".into()]).unwrap_err();
+        assert!(e.to_string().contains("train.meta_batch"), "{e}");
+        let e = Config::from_toml("[train]\nmeta_btch = 3\n").unwrap_err();
+        assert!(e.to_string().contains("meta_btch"), "{e}");
+        let e = Config::from_toml("[model]\nname = \"resnet\"\n").unwrap_err();
+        assert!(e.to_string().contains("mlp-ln"), "allowed values listed: {e}");
+        let e = Config::from_toml("[task]\ndistribution = \"omniglot\"\n").unwrap_err();
+        assert!(e.to_string().contains("model.name"), "{e}");
+        let e = Config::from_toml_with_overrides("", &["nonsense".into()]).unwrap_err();
+        assert!(matches!(e, ConfigError::BadOverride(_)));
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = Config::from_toml(
+            "[task]\ndistribution = \"omniglot\"\nn_way = 20\n[model]\nname = \"conv4\"\n[algo]\ninner_grad_clamp = inf\n",
+        )
+        .unwrap();
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        assert!(c.algo.inner_grad_clamp.is_infinite());
+    }
+}

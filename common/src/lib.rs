@@ -1,0 +1,24 @@
+//! The shared vocabulary of metatrain: what the coordinator and workers say to each other and what a run is.
+//! No libtorch, and no I/O outside the optional `net` feature.
+//!
+//! - [`config`]: the run configuration (TOML) with `validate()`; one struct the whole run reads.
+//! - [`task`]: task specs and distributions (sinusoid, noisy-linear, Omniglot); a task's data is a pure
+//!   function of (config, spec), with every random draw from [`rng`]'s keyed streams.
+//! - [`omniglot`]: the Omniglot `.npz` reader and the 105→28 area resize.
+//! - [`layout`]: models' named parameter layouts and their initialisation from (model, seed).
+//! - [`protocol`]: every message and the frame codec (size limits checked before allocation).
+//! - [`tensor`]: flat f32 payloads, checked for length and finiteness.
+//! - `net` (feature): the quinn/rustls adapters and the `/metrics` endpoint used by both binaries.
+//!
+//! Data flow: coordinator `config` → `layout` (initial parameters) → `task::TaskSpec`s → `protocol`
+//! frames → worker `task::generate` → meta-gradient `tensor` payload → coordinator.
+
+pub mod config;
+pub mod layout;
+#[cfg(feature = "net")]
+pub mod net;
+pub mod omniglot;
+pub mod protocol;
+pub mod rng;
+pub mod task;
+pub mod tensor;

@@ -1,0 +1,56 @@
+//! `write_frame` / `read_frame`: one [`Message`] plus payload over a quinn stream.
+
+use quinn::{ReadExactError, RecvStream, SendStream};
+use thiserror::Error;
+
+use crate::protocol::{decode_header, decode_prefix, encode_head, Frame, Limits, Message, ProtocolError, PREFIX_LEN};
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("stream ended in the middle of a frame")]
+    FinishedEarly,
+    #[error("stream closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+}
+
+/// Writes one frame (prefix, header, payload) without copying the payload.
+pub async fn write_frame(stream: &mut SendStream, message: &Message, payload: &[u8]) -> Result<(), NetError> {
+    let head = encode_head(message, payload.len() as u64)?;
+    stream.write_all(&head).await?;
+    if !payload.is_empty() {
+        stream.write_all(payload).await?;
+    }
+    Ok(())
+}
+
+/// Reads one frame within `limits`. `Ok(None)`: the peer finished the stream cleanly between frames.
+pub async fn read_frame(stream: &mut RecvStream, limits: &Limits) -> Result<Option<Frame>, NetError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    match stream.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(_)) => return Err(NetError::FinishedEarly),
+        Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let (header_len, payload_len) = decode_prefix(&prefix, limits)?;
+    let mut header = vec![0u8; header_len];
+    read_exact(stream, &mut header).await?;
+    let message = decode_header(&header, payload_len)?;
+    // Safe to allocate: payload_len passed the receiver's limit and matches the header's declaration.
+    let mut payload = vec![0u8; payload_len as usize];
+    read_exact(stream, &mut payload).await?;
+    Ok(Some(Frame { message, payload }))
+}
+
+async fn read_exact(stream: &mut RecvStream, buf: &mut [u8]) -> Result<(), NetError> {
+    stream.read_exact(buf).await.map_err(|e| match e {
+        ReadExactError::FinishedEarly(_) => NetError::FinishedEarly,
+        ReadExactError::ReadError(e) => NetError::Read(e),
+    })
+}

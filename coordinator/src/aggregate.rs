@@ -1,0 +1,291 @@
+//! Checking task results and reducing them, deterministically.
+//!
+//! [`validate`] refuses anything malformed before it touches shared state: non-finite losses, a gradient
+//! of the wrong length or with NaN/Inf, a gradient where none belongs or none where one must be.
+//! [`BatchCollector`] then reduces accepted results **in task-index order** (a result that arrives early
+//! waits until every lower index is in), so the sum — and hence the parameters — is bitwise the same
+//! whatever the arrival order, the number of workers or reassignments. Sums are taken in f64.
+
+use std::collections::BTreeMap;
+
+use metatrain_common::protocol::{Mode, TaskResult};
+use metatrain_common::tensor::{decode_f32, TensorError};
+use thiserror::Error;
+
+/// A validated task result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskOutcome {
+    pub pre_loss: f64,
+    pub post_loss: f64,
+    pub pre_accuracy: Option<f64>,
+    pub post_accuracy: Option<f64>,
+    /// The meta-gradient (train mode).
+    pub grad: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Error, PartialEq)]
+pub enum Rejection {
+    #[error("non-finite loss")]
+    NonFiniteLoss,
+    #[error("accuracy outside [0, 1]")]
+    BadAccuracy,
+    #[error("bad gradient: {0}")]
+    Gradient(#[from] TensorError),
+    #[error("a training result without a gradient")]
+    MissingGradient,
+    #[error("an evaluation result with a gradient")]
+    UnexpectedGradient,
+}
+
+impl Rejection {
+    /// Bounded label for `metatrain_results_rejected_total{reason}`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::NonFiniteLoss => "non_finite_loss",
+            Rejection::BadAccuracy => "bad_accuracy",
+            Rejection::Gradient(TensorError::NonFinite { .. }) => "non_finite_gradient",
+            Rejection::Gradient(_) => "wrong_shape",
+            Rejection::MissingGradient => "missing_gradient",
+            Rejection::UnexpectedGradient => "unexpected_gradient",
+        }
+    }
+}
+
+/// Checks a result header and its payload against what its mode and the layout (`numel`) require. (That the
+/// mode is the one the task was assigned in is checked against the scheduler's record.)
+pub fn validate(result: &TaskResult, payload: &[u8], numel: usize) -> Result<TaskOutcome, Rejection> {
+    let mode = result.mode;
+    if !(result.pre_loss.is_finite() && result.post_loss.is_finite()) {
+        return Err(Rejection::NonFiniteLoss);
+    }
+    let acc_ok = |a: Option<f32>| a.is_none_or(|v| (0.0..=1.0).contains(&v));
+    if !(acc_ok(result.pre_accuracy) && acc_ok(result.post_accuracy)) {
+        return Err(Rejection::BadAccuracy);
+    }
+    let grad = match mode {
+        Mode::Train if payload.is_empty() => return Err(Rejection::MissingGradient),
+        Mode::Train => Some(decode_f32(payload, result.grad_dtype, numel)?),
+        Mode::Eval if !payload.is_empty() => return Err(Rejection::UnexpectedGradient),
+        Mode::Eval => None,
+    };
+    Ok(TaskOutcome {
+        pre_loss: result.pre_loss as f64,
+        post_loss: result.post_loss as f64,
+        pre_accuracy: result.pre_accuracy.map(f64::from),
+        post_accuracy: result.post_accuracy.map(f64::from),
+        grad,
+    })
+}
+
+/// Mean and 95 % confidence half-width (1.96 · sample std / √n) of a list.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct MeanCi {
+    pub mean: f64,
+    pub ci95: f64,
+}
+
+pub fn mean_ci(xs: &[f64]) -> MeanCi {
+    let n = xs.len() as f64;
+    if xs.is_empty() {
+        return MeanCi { mean: f64::NAN, ci95: f64::NAN };
+    }
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return MeanCi { mean, ci95: 0.0 };
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    MeanCi { mean, ci95: 1.96 * (var / n).sqrt() }
+}
+
+/// Summary of a completed batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchSummary {
+    pub pre_loss: MeanCi,
+    pub post_loss: MeanCi,
+    pub pre_accuracy: Option<MeanCi>,
+    pub post_accuracy: Option<MeanCi>,
+    /// Train mode: the mean meta-gradient after global-norm clipping.
+    pub mean_grad: Option<Vec<f32>>,
+    /// Its L2 norm before clipping.
+    pub grad_norm: f64,
+    /// Whether clipping rescaled it.
+    pub clipped: bool,
+    pub tasks: usize,
+}
+
+/// Collects one batch's results and reduces gradients in index order as the prefix fills.
+pub struct BatchCollector {
+    n: usize,
+    next: usize,
+    waiting: BTreeMap<usize, TaskOutcome>,
+    grad_sum: Option<Vec<f64>>,
+    pre: Vec<f64>,
+    post: Vec<f64>,
+    pre_acc: Vec<f64>,
+    post_acc: Vec<f64>,
+}
+
+impl BatchCollector {
+    /// A batch of `n` tasks; `numel` > 0 for training batches (gradients are summed).
+    pub fn new(n: usize, numel: Option<usize>) -> Self {
+        BatchCollector {
+            n,
+            next: 0,
+            waiting: BTreeMap::new(),
+            grad_sum: numel.map(|k| vec![0.0; k]),
+            pre: Vec::with_capacity(n),
+            post: Vec::with_capacity(n),
+            pre_acc: Vec::new(),
+            post_acc: Vec::new(),
+        }
+    }
+
+    /// Adds the result of task `index` (each index once; the scheduler guarantees it).
+    pub fn insert(&mut self, index: usize, outcome: TaskOutcome) {
+        if index < self.next || index >= self.n {
+            return;
+        }
+        self.waiting.insert(index, outcome);
+        while let Some(o) = self.waiting.remove(&self.next) {
+            self.reduce(o);
+            self.next += 1;
+        }
+    }
+
+    fn reduce(&mut self, o: TaskOutcome) {
+        self.pre.push(o.pre_loss);
+        self.post.push(o.post_loss);
+        self.pre_acc.extend(o.pre_accuracy);
+        self.post_acc.extend(o.post_accuracy);
+        if let (Some(sum), Some(g)) = (self.grad_sum.as_mut(), o.grad.as_ref()) {
+            for (s, v) in sum.iter_mut().zip(g) {
+                *s += *v as f64;
+            }
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.next == self.n
+    }
+
+    /// Means, CIs, and (train mode) the mean gradient clipped to `max_grad_norm`.
+    pub fn finish(self, max_grad_norm: f64) -> BatchSummary {
+        let n = self.next.max(1) as f64;
+        let (mut mean_grad, mut grad_norm, mut clipped) = (None, 0.0, false);
+        if let Some(sum) = self.grad_sum {
+            let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+            grad_norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let scale = if grad_norm > max_grad_norm {
+                clipped = true;
+                max_grad_norm / grad_norm
+            } else {
+                1.0
+            };
+            mean_grad = Some(mean.iter().map(|v| (v * scale) as f32).collect());
+        }
+        let acc = |v: &[f64]| if v.is_empty() { None } else { Some(mean_ci(v)) };
+        BatchSummary {
+            pre_loss: mean_ci(&self.pre),
+            post_loss: mean_ci(&self.post),
+            pre_accuracy: acc(&self.pre_acc),
+            post_accuracy: acc(&self.post_acc),
+            mean_grad,
+            grad_norm,
+            clipped,
+            tasks: self.next,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metatrain_common::tensor::{encode_f32, Dtype};
+
+    fn result(pre: f32, post: f32, grad_len: u64) -> TaskResult {
+        TaskResult {
+            id: 0,
+            version: 0,
+            mode: Mode::Train,
+            pre_loss: pre,
+            post_loss: post,
+            pre_accuracy: None,
+            post_accuracy: None,
+            compute_seconds: 0.0,
+            grad_dtype: Dtype::F32,
+            grad_len,
+        }
+    }
+
+    fn with_mode(mut r: TaskResult, mode: Mode) -> TaskResult {
+        r.mode = mode;
+        r
+    }
+
+    fn outcome(g: Vec<f32>) -> TaskOutcome {
+        TaskOutcome { pre_loss: 1.0, post_loss: 0.5, pre_accuracy: None, post_accuracy: None, grad: Some(g) }
+    }
+
+    #[test]
+    fn validation_refuses_what_it_must() {
+        let g = encode_f32(&[1.0, 2.0]);
+        assert!(validate(&with_mode(result(1.0, 0.5, 2), Mode::Train), &g, 2).is_ok());
+        let r = |res: Result<TaskOutcome, Rejection>| res.unwrap_err().reason();
+        assert_eq!(r(validate(&with_mode(result(f32::NAN, 0.5, 2), Mode::Train), &g, 2)), "non_finite_loss");
+        assert_eq!(r(validate(&with_mode(result(1.0, f32::INFINITY, 2), Mode::Train), &g, 2)), "non_finite_loss");
+        assert_eq!(r(validate(&with_mode(result(1.0, 0.5, 2), Mode::Train), &g, 3)), "wrong_shape");
+        assert_eq!(
+            r(validate(&with_mode(result(1.0, 0.5, 2), Mode::Train), &encode_f32(&[1.0, f32::NAN]), 2)),
+            "non_finite_gradient"
+        );
+        assert_eq!(r(validate(&with_mode(result(1.0, 0.5, 0), Mode::Train), &[], 2)), "missing_gradient");
+        assert_eq!(r(validate(&with_mode(result(1.0, 0.5, 2), Mode::Eval), &g, 2)), "unexpected_gradient");
+        let mut bad_acc = result(1.0, 0.5, 0);
+        bad_acc.post_accuracy = Some(1.5);
+        assert_eq!(r(validate(&with_mode(bad_acc, Mode::Eval), &[], 2)), "bad_accuracy");
+    }
+
+    #[test]
+    fn reduction_is_independent_of_arrival_order() {
+        // Values whose f32/f64 sums depend on order if summed naively in arrival order.
+        let grads: Vec<Vec<f32>> = (0..7).map(|i| vec![1e8 * (i as f32 - 3.0), 0.1 * i as f32 + 1e-7]).collect();
+        let run = |order: &[usize]| {
+            let mut c = BatchCollector::new(7, Some(2));
+            for &i in order {
+                assert!(!c.is_complete());
+                c.insert(i, outcome(grads[i].clone()));
+            }
+            assert!(c.is_complete());
+            c.finish(f64::INFINITY).mean_grad.unwrap()
+        };
+        let a = run(&[0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(a, run(&[6, 5, 4, 3, 2, 1, 0]));
+        assert_eq!(a, run(&[3, 0, 6, 1, 5, 2, 4]));
+    }
+
+    #[test]
+    fn global_norm_clipping() {
+        let mut c = BatchCollector::new(2, Some(2));
+        c.insert(0, outcome(vec![6.0, 0.0]));
+        c.insert(1, outcome(vec![0.0, 8.0]));
+        let s = c.finish(1.0);
+        // mean = (3, 4), norm 5 → rescaled to norm 1.
+        assert!((s.grad_norm - 5.0).abs() < 1e-12);
+        assert!(s.clipped);
+        let g = s.mean_grad.unwrap();
+        assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
+        let mut c = BatchCollector::new(1, Some(2));
+        c.insert(0, outcome(vec![0.3, 0.4]));
+        let s = c.finish(1.0);
+        assert!(!s.clipped);
+        assert_eq!(s.mean_grad.unwrap(), vec![0.3, 0.4]);
+    }
+
+    #[test]
+    fn mean_and_ci() {
+        let m = mean_ci(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(m.mean, 2.5);
+        // sample std = sqrt(5/3); ci = 1.96 * std / 2
+        assert!((m.ci95 - 1.96 * (5.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,23 @@
+//! The metatrain coordinator: the control plane. No libtorch.
+//!
+//! - [`sampler`]: which tasks each meta-step and evaluation uses, a pure function of (seed, step).
+//! - [`scheduler`]: who computes which task; deadlines, reassignment, membership (I/O-free state machine).
+//! - [`aggregate`]: validate results, reduce in task-index order, clip by global norm.
+//! - [`optim`]: Adam over the flat meta-parameters.
+//! - [`server`]: the QUIC endpoint, one handler per message kind.
+//! - [`run`]: the training loop that feeds server events and ticks to the cores above.
+//! - [`train`]: `metatrain train` (set-up, loop, output); [`report`], [`progress`], [`local`], [`metrics`].
+//!
+//! Flow: `sampler` → `scheduler` → `server` (Params/Assign out, Result in) → `aggregate` → `optim`.
+
+pub mod aggregate;
+pub mod local;
+pub mod metrics;
+pub mod optim;
+pub mod progress;
+pub mod report;
+pub mod run;
+pub mod sampler;
+pub mod scheduler;
+pub mod server;
+pub mod train;

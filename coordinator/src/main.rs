@@ -1,0 +1,40 @@
+//! `metatrain`: the user's entry point. Parses the command line and calls the sub-command's `run`.
+
+use clap::{Parser, Subcommand};
+use metatrain_coordinator::train::{self, TrainArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "metatrain",
+    version,
+    about = "Distributed meta-training: a coordinator farms MAML tasks to workers over QUIC",
+    long_about = "Distributed meta-training. `metatrain train` samples meta-batches of tasks, farms them to \
+metatrain-worker processes over QUIC (local ones by default), averages and clips their meta-gradients, \
+applies Adam, evaluates on held-out tasks, and writes report.json, metrics.csv and params.safetensors."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Meta-train a model (with local workers by default, or workers that join over the network).
+    Train(TrainArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    metatrain_common::net::install_crypto_provider();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Train(args) => {
+            rt.block_on(train::run(args))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! The coordinator's Prometheus metrics: names and HELP text in one place (see docs/metrics.md).
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+pub fn describe() {
+    describe_counter!("metatrain_meta_steps_total", "Meta-steps (outer updates) applied.");
+    describe_counter!("metatrain_tasks_completed_total", "Task results accepted, by mode (train, eval).");
+    describe_gauge!("metatrain_workers_connected", "Workers currently connected.");
+    describe_counter!("metatrain_workers_joined_total", "Worker connections accepted.");
+    describe_counter!("metatrain_workers_lost_total", "Worker connections ended before the run finished.");
+    describe_gauge!("metatrain_meta_train_loss", "Mean post-adaptation query loss of the last meta-batch.");
+    describe_gauge!("metatrain_meta_train_pre_adapt_loss", "Mean pre-adaptation query loss of the last meta-batch.");
+    describe_gauge!(
+        "metatrain_meta_test_loss",
+        "Mean post-adaptation query loss of the last evaluation on held-out tasks."
+    );
+    describe_gauge!("metatrain_meta_test_pre_adapt_loss", "Mean pre-adaptation query loss of the last evaluation.");
+    describe_gauge!(
+        "metatrain_meta_test_accuracy",
+        "Mean post-adaptation query accuracy of the last evaluation (classification)."
+    );
+    describe_gauge!("metatrain_meta_grad_norm", "L2 norm of the averaged meta-gradient before clipping, last step.");
+    describe_counter!(
+        "metatrain_meta_grad_clipped_total",
+        "Meta-steps whose averaged meta-gradient was rescaled by global-norm clipping."
+    );
+    describe_histogram!(
+        "metatrain_step_duration_seconds",
+        Unit::Seconds,
+        "Wall time of one meta-step (assign to update)."
+    );
+    describe_histogram!(
+        "metatrain_task_duration_seconds",
+        Unit::Seconds,
+        "Worker-reported compute time per accepted task, by mode."
+    );
+    describe_counter!("metatrain_results_rejected_total", "Task results refused, by reason.");
+    describe_counter!(
+        "metatrain_tasks_reassigned_total",
+        "Tasks put back in the queue (worker lost, deadline missed, result refused)."
+    );
+    describe_counter!("metatrain_tasks_failed_total", "Tasks a worker reported it could not compute.");
+    describe_counter!("metatrain_sent_bytes_total", Unit::Bytes, "Parameter payload bytes sent to workers.");
+    describe_counter!("metatrain_received_bytes_total", Unit::Bytes, "Result payload bytes received from workers.");
+    describe_gauge!("metatrain_params_version", "Parameter version (meta-steps applied so far).");
+}

@@ -1,0 +1,145 @@
+//! What a run leaves in its output directory: `report.json`, `metrics.csv` (one row per meta-step and one
+//! per evaluation), and `params.safetensors` (the final meta-parameters under the model's names).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use metatrain_common::config::Config;
+use metatrain_common::layout::ParamLayout;
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use serde::Serialize;
+
+use crate::aggregate::BatchSummary;
+
+/// The `eval` section of `report.json`: the final evaluation on held-out tasks.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub tasks: usize,
+    pub inner_steps: usize,
+    pub pre_adapt_loss: f64,
+    pub pre_adapt_loss_ci95: f64,
+    pub post_adapt_loss: f64,
+    pub post_adapt_loss_ci95: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pre_adapt_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy_ci95: Option<f64>,
+}
+
+impl EvalReport {
+    pub fn from_summary(s: &BatchSummary, inner_steps: usize) -> Self {
+        EvalReport {
+            tasks: s.tasks,
+            inner_steps,
+            pre_adapt_loss: s.pre_loss.mean,
+            pre_adapt_loss_ci95: s.pre_loss.ci95,
+            post_adapt_loss: s.post_loss.mean,
+            post_adapt_loss_ci95: s.post_loss.ci95,
+            pre_adapt_accuracy: s.pre_accuracy.map(|a| a.mean),
+            accuracy: s.post_accuracy.map(|a| a.mean),
+            accuracy_ci95: s.post_accuracy.map(|a| a.ci95),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub config: serde_json::Value,
+    pub final_step: u64,
+    pub interrupted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalReport>,
+    pub params_sha256: String,
+    pub wall_seconds: f64,
+    pub tasks_completed: u64,
+    pub tasks_reassigned: u64,
+    pub results_rejected: u64,
+    pub max_workers: usize,
+}
+
+/// Builds the config's JSON form (infinite floats become the string "inf", which JSON cannot hold).
+pub fn config_json(config: &Config) -> serde_json::Value {
+    let mut v = serde_json::to_value(config).unwrap_or(serde_json::Value::Null);
+    if config.algo.inner_grad_clamp.is_infinite() {
+        v["algo"]["inner_grad_clamp"] = serde_json::Value::String("inf".into());
+    }
+    if config.train.max_grad_norm.is_infinite() {
+        v["train"]["max_grad_norm"] = serde_json::Value::String("inf".into());
+    }
+    v
+}
+
+/// `metrics.csv`, written row by row as the run goes (flushed each row so a crash keeps what was done).
+pub struct MetricsCsv {
+    out: BufWriter<File>,
+}
+
+pub const CSV_HEADER: &str = "kind,step,pre_adapt_loss,post_adapt_loss,post_adapt_loss_ci95,accuracy,accuracy_ci95,grad_norm,clipped,step_seconds,wall_seconds";
+
+impl MetricsCsv {
+    pub fn create(path: &Path) -> Result<Self> {
+        let mut out = BufWriter::new(File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
+        writeln!(out, "{CSV_HEADER}")?;
+        out.flush()?;
+        Ok(MetricsCsv { out })
+    }
+
+    /// `kind` is `train` or `eval`; `step` counts meta-steps done.
+    pub fn row(&mut self, kind: &str, step: u64, s: &BatchSummary, step_seconds: f64, wall_seconds: f64) -> Result<()> {
+        let opt = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
+        let (gn, clipped) = if kind == "train" {
+            (format!("{:.6}", s.grad_norm), (s.clipped as u8).to_string())
+        } else {
+            (String::new(), String::new())
+        };
+        writeln!(
+            self.out,
+            "{kind},{step},{:.6},{:.6},{:.6},{},{},{gn},{clipped},{step_seconds:.4},{wall_seconds:.3}",
+            s.pre_loss.mean,
+            s.post_loss.mean,
+            s.post_loss.ci95,
+            opt(s.post_accuracy.map(|a| a.mean)),
+            opt(s.post_accuracy.map(|a| a.ci95)),
+        )?;
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
+/// Writes `value` as JSON to `path` atomically (temporary file, fsync, rename).
+pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)?;
+    write_atomic(path, &bytes)
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp: PathBuf = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// `params.safetensors`: each layout tensor under its name, f32.
+pub fn write_params(path: &Path, layout: &ParamLayout, params: &[f32]) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = layout
+        .ranges()
+        .iter()
+        .map(|&(off, len)| params[off..off + len].iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let mut views = Vec::new();
+    for (p, b) in layout.params.iter().zip(&bytes) {
+        views.push((p.name.clone(), TensorView::new(StDtype::F32, p.shape.clone(), b)?));
+    }
+    let meta: HashMap<String, String> = [("format".to_string(), "metatrain".to_string())].into();
+    let data = safetensors::serialize(views, &Some(meta))?;
+    write_atomic(path, &data)
+}

@@ -1,0 +1,316 @@
+//! The training loop: owns the parameters, the optimizer and the scheduler, and drives meta-steps and
+//! evaluations by feeding server [`Event`]s and clock ticks to the I/O-free cores ([`crate::scheduler`],
+//! [`crate::aggregate`], [`crate::optim`]).
+//!
+//! One meta-step: sample B specs → `start_batch` (parameters go once to each worker that gets a task) →
+//! collect one validated result per task → reduce in index order, clip → Adam. Every `eval.every` steps
+//! (and at the end) the same machinery runs held-out tasks in eval mode.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metatrain_common::config::Config;
+use metatrain_common::layout::{ModelSpec, ParamLayout};
+use metatrain_common::protocol::{Assignment, Mode, TaskId};
+use metatrain_common::task::TaskSpec;
+use metatrain_common::tensor::encode_f32;
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+
+use crate::aggregate::{BatchCollector, BatchSummary};
+use crate::local::LocalWorkers;
+use crate::optim::Adam;
+use crate::scheduler::{Action, Scheduler, WorkerId};
+use crate::server::{Event, Outbound};
+
+/// A task whose results are refused (or which fails on a worker) this many times aborts the run: the
+/// failure is deterministic (diverged training, missing data), and retrying forever would hang.
+const MAX_TASK_FAILURES: u32 = 3;
+/// How often deadlines and local workers are checked.
+const TICK: Duration = Duration::from_millis(500);
+/// Say so when a batch has waited this long without any worker.
+const NO_WORKER_WARNING: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("interrupted")]
+    Interrupted,
+    #[error("task {id} (step {step}, index {index}) failed {MAX_TASK_FAILURES} times, last: {reason}")]
+    TaskKeepsFailing { id: TaskId, step: u64, index: u32, reason: String },
+    #[error("all {0} local workers exited and no other worker is connected; see their messages above")]
+    LocalWorkersGone(usize),
+    #[error("the server stopped")]
+    ServerGone,
+    #[error("writing run output: {0}")]
+    Io(String),
+}
+
+struct WorkerEntry {
+    name: String,
+    outbox: mpsc::UnboundedSender<Outbound>,
+}
+
+/// The state of a run that the loop mutates.
+pub struct Trainer {
+    pub config: Config,
+    pub layout: ParamLayout,
+    pub params: Vec<f32>,
+    adam: Adam,
+    scheduler: Scheduler,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
+    events: mpsc::Receiver<Event>,
+    local: Option<LocalWorkers>,
+    next_task: TaskId,
+    failures: HashMap<TaskId, u32>,
+    pub tasks_completed: u64,
+    pub results_rejected: u64,
+    pub max_workers: usize,
+}
+
+impl Trainer {
+    pub fn new(config: Config, events: mpsc::Receiver<Event>, local: Option<LocalWorkers>) -> Self {
+        let spec = ModelSpec::from_config(&config);
+        let layout = spec.layout();
+        let params = spec.init_params(config.seed);
+        let adam = Adam::new(&config.train, layout.numel());
+        let scheduler = Scheduler::new(Duration::from_secs_f64(config.cluster.task_timeout_secs));
+        Trainer {
+            config,
+            layout,
+            params,
+            adam,
+            scheduler,
+            workers: BTreeMap::new(),
+            events,
+            local,
+            next_task: 0,
+            failures: HashMap::new(),
+            tasks_completed: 0,
+            results_rejected: 0,
+            max_workers: 0,
+        }
+    }
+
+    pub fn tasks_reassigned(&self) -> u64 {
+        self.scheduler.stats.reassigned
+    }
+
+    /// One meta-step on parameter version `step`: returns the summary (mean gradient already applied).
+    pub async fn train_step(
+        &mut self,
+        step: u64,
+        specs: Vec<TaskSpec>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<BatchSummary, RunError> {
+        let summary = self.run_batch(step, specs, Mode::Train, stop).await?;
+        if let Some(g) = &summary.mean_grad {
+            self.adam.step(&mut self.params, g);
+        }
+        metrics::counter!("metatrain_meta_steps_total").increment(1);
+        metrics::gauge!("metatrain_params_version").set((step + 1) as f64);
+        metrics::gauge!("metatrain_meta_train_loss").set(summary.post_loss.mean);
+        metrics::gauge!("metatrain_meta_train_pre_adapt_loss").set(summary.pre_loss.mean);
+        metrics::gauge!("metatrain_meta_grad_norm").set(summary.grad_norm);
+        if summary.clipped {
+            metrics::counter!("metatrain_meta_grad_clipped_total").increment(1);
+        }
+        Ok(summary)
+    }
+
+    /// Evaluates the current parameters (version `version`) on held-out `specs`.
+    pub async fn evaluate(
+        &mut self,
+        version: u64,
+        specs: Vec<TaskSpec>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<BatchSummary, RunError> {
+        let s = self.run_batch(version, specs, Mode::Eval, stop).await?;
+        metrics::gauge!("metatrain_meta_test_loss").set(s.post_loss.mean);
+        metrics::gauge!("metatrain_meta_test_pre_adapt_loss").set(s.pre_loss.mean);
+        if let Some(a) = s.post_accuracy {
+            metrics::gauge!("metatrain_meta_test_accuracy").set(a.mean);
+        }
+        Ok(s)
+    }
+
+    async fn run_batch(
+        &mut self,
+        version: u64,
+        specs: Vec<TaskSpec>,
+        mode: Mode,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<BatchSummary, RunError> {
+        let numel = self.layout.numel();
+        let payload = Arc::new(encode_f32(&self.params));
+        let assignments: Vec<Assignment> = specs
+            .into_iter()
+            .map(|spec| {
+                self.next_task += 1;
+                Assignment { id: self.next_task, version, spec, mode }
+            })
+            .collect();
+        let by_id: HashMap<TaskId, TaskSpec> = assignments.iter().map(|a| (a.id, a.spec)).collect();
+        let mut collector = BatchCollector::new(assignments.len(), (mode == Mode::Train).then_some(numel));
+        let actions = self.scheduler.start_batch(version, assignments, Instant::now());
+        self.dispatch(actions, version, &payload);
+        let mut tick = tokio::time::interval(TICK);
+        let waiting_since = Instant::now();
+        let mut warned = false;
+        while !collector.is_complete() {
+            tokio::select! {
+                ev = self.events.recv() => {
+                    let ev = ev.ok_or(RunError::ServerGone)?;
+                    let actions = self.handle(ev, version, mode, &by_id, &mut collector)?;
+                    self.dispatch(actions, version, &payload);
+                }
+                _ = tick.tick() => {
+                    let before = self.scheduler.stats.reassigned;
+                    let actions = self.scheduler.tick(Instant::now());
+                    metrics::counter!("metatrain_tasks_reassigned_total").increment(self.scheduler.stats.reassigned - before);
+                    self.dispatch(actions, version, &payload);
+                    if self.workers.is_empty() {
+                        if let Some(local) = self.local.as_mut() {
+                            if !local.is_empty() && local.alive() == 0 {
+                                return Err(RunError::LocalWorkersGone(local.count()));
+                            }
+                        }
+                        if !warned && waiting_since.elapsed() > NO_WORKER_WARNING {
+                            warned = true;
+                            tracing::warn!("no worker connected after {}s; waiting (start workers with `metatrain-worker run`)", NO_WORKER_WARNING.as_secs());
+                        }
+                    }
+                }
+                _ = stop.changed() => return Err(RunError::Interrupted),
+            }
+        }
+        Ok(collector.finish(self.config.train.max_grad_norm))
+    }
+
+    fn handle(
+        &mut self,
+        ev: Event,
+        version: u64,
+        mode: Mode,
+        by_id: &HashMap<TaskId, TaskSpec>,
+        collector: &mut BatchCollector,
+    ) -> Result<Vec<Action>, RunError> {
+        let now = Instant::now();
+        match ev {
+            Event::Joined { worker, name, capacity, outbox } => {
+                let limit = capacity as usize * self.config.cluster.tasks_in_flight;
+                self.workers.insert(worker, WorkerEntry { name, outbox });
+                self.max_workers = self.max_workers.max(self.workers.len());
+                metrics::gauge!("metatrain_workers_connected").set(self.workers.len() as f64);
+                metrics::counter!("metatrain_workers_joined_total").increment(1);
+                Ok(self.scheduler.worker_joined(worker, limit, now))
+            }
+            Event::Left { worker, reason } => {
+                if let Some(w) = self.workers.remove(&worker) {
+                    tracing::info!("worker {worker} ({}) left: {reason}", w.name);
+                    metrics::counter!("metatrain_workers_lost_total").increment(1);
+                }
+                metrics::gauge!("metatrain_workers_connected").set(self.workers.len() as f64);
+                let before = self.scheduler.stats.reassigned;
+                let actions = self.scheduler.worker_left(worker, now);
+                metrics::counter!("metatrain_tasks_reassigned_total")
+                    .increment(self.scheduler.stats.reassigned - before);
+                Ok(actions)
+            }
+            Event::TaskFailed { worker, id, version: v, reason } => {
+                metrics::counter!("metatrain_tasks_failed_total").increment(1);
+                if v != version || !by_id.contains_key(&id) {
+                    return Ok(Vec::new());
+                }
+                self.count_failure(id, by_id, reason)?;
+                Ok(self.scheduler.retry(worker, id, now))
+            }
+            Event::Result { worker, result, outcome, received_bytes: _ } => {
+                let outcome = match outcome {
+                    Ok(o) if result.mode != mode && result.version == version => {
+                        self.reject("wrong_mode");
+                        let _ = o;
+                        return Ok(self.scheduler.retry(worker, result.id, now));
+                    }
+                    Ok(o) => o,
+                    Err(rejection) => {
+                        self.reject(rejection.reason());
+                        tracing::warn!("worker {worker}: refused result for task {}: {rejection}", result.id);
+                        if result.version == version && by_id.contains_key(&result.id) {
+                            self.count_failure(result.id, by_id, rejection.to_string())?;
+                        }
+                        return Ok(self.scheduler.retry(worker, result.id, now));
+                    }
+                };
+                let (verdict, actions) = self.scheduler.result(worker, result.id, result.version, now);
+                match verdict {
+                    crate::scheduler::Verdict::Accepted { index } => {
+                        let label = if mode == Mode::Train { "train" } else { "eval" };
+                        metrics::counter!("metatrain_tasks_completed_total", "mode" => label).increment(1);
+                        metrics::histogram!("metatrain_task_duration_seconds", "mode" => label)
+                            .record(result.compute_seconds as f64);
+                        self.tasks_completed += 1;
+                        collector.insert(index, outcome);
+                    }
+                    crate::scheduler::Verdict::Duplicate => self.reject("duplicate"),
+                    crate::scheduler::Verdict::Stale => self.reject("stale_version"),
+                    crate::scheduler::Verdict::Unknown => self.reject("unknown_task"),
+                }
+                Ok(actions)
+            }
+        }
+    }
+
+    fn reject(&mut self, reason: &'static str) {
+        self.results_rejected += 1;
+        metrics::counter!("metatrain_results_rejected_total", "reason" => reason).increment(1);
+    }
+
+    fn count_failure(&mut self, id: TaskId, by_id: &HashMap<TaskId, TaskSpec>, reason: String) -> Result<(), RunError> {
+        let n = self.failures.entry(id).or_insert(0);
+        *n += 1;
+        if *n >= MAX_TASK_FAILURES {
+            let spec = by_id[&id];
+            return Err(RunError::TaskKeepsFailing { id, step: spec.step, index: spec.index, reason });
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, actions: Vec<Action>, version: u64, payload: &Arc<Vec<u8>>) {
+        let len = self.layout.numel() as u64;
+        for action in actions {
+            let (worker, msg) = match action {
+                Action::SendParams { worker, version: v } => {
+                    debug_assert_eq!(v, version);
+                    (worker, Outbound::Params { version: v, len, payload: payload.clone() })
+                }
+                Action::Assign { worker, tasks } => (worker, Outbound::Assign(tasks)),
+            };
+            if let Some(w) = self.workers.get(&worker) {
+                // A closed outbox means the connection is ending; its Left event requeues the tasks.
+                let _ = w.outbox.send(msg);
+            }
+        }
+    }
+
+    /// Tells every worker the run is over and waits (briefly) for them to disconnect.
+    pub async fn shutdown_workers(&mut self, reason: &str) {
+        for w in self.workers.values() {
+            let _ = w.outbox.send(Outbound::Shutdown(reason.to_string()));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.workers.is_empty() {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Event::Left { worker, .. })) => {
+                    self.workers.remove(&worker);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        metrics::gauge!("metatrain_workers_connected").set(self.workers.len() as f64);
+        if let Some(local) = self.local.take() {
+            local.stop().await;
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! One worker connection: handshake, then a writer for the control stream and a reader per result stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metatrain_common::net::{read_frame, write_frame, NetError};
+use metatrain_common::protocol::{Limits, Message};
+use metatrain_common::tensor::Dtype;
+use tokio::sync::mpsc;
+
+use super::handlers::{self, HandlerError};
+use super::{Event, Outbound, ServerContext};
+
+/// A worker must say Hello this soon after connecting.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A result stream must deliver its whole frame this soon after opening (bounds slow-loris streams; a
+/// 400 MB gradient at 100 MB/s takes 4 s).
+const RESULT_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// QUIC application close codes.
+const CLOSE_DONE: u32 = 0;
+const CLOSE_PROTOCOL_ERROR: u32 = 1;
+const CLOSE_REFUSED: u32 = 2;
+
+/// Accepts connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerContext>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => handle(conn, ctx).await,
+                Err(e) => tracing::warn!("connection from {remote} failed during TLS: {e}"),
+            }
+        });
+    }
+}
+
+async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
+    let remote = conn.remote_address();
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| HandlerError::Protocol(e.to_string()))?;
+        let frame = read_frame(&mut recv, &Limits::CONTROL).await.map_err(|e| HandlerError::Protocol(e.to_string()))?;
+        match frame.map(|f| f.message) {
+            Some(Message::Hello(hello)) => Ok((send, recv, hello)),
+            Some(other) => Err(HandlerError::Protocol(format!("expected Hello, got {}", other.kind()))),
+            None => Err(HandlerError::Protocol("stream closed before Hello".into())),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(HandlerError::Protocol("no Hello within the handshake timeout".into())));
+    let (mut send, _control_recv, hello) = match handshake {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("worker at {remote}: {e}");
+            conn.close(CLOSE_PROTOCOL_ERROR.into(), e.to_string().as_bytes());
+            return;
+        }
+    };
+    let welcome = match handlers::hello::handle(&ctx, &hello) {
+        Ok(w) => w,
+        Err(reason) => {
+            tracing::warn!("refused worker {:?} at {remote}: {reason}", hello.worker_name);
+            let _ = write_frame(&mut send, &Message::Refused { reason: reason.clone() }, &[]).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+            return;
+        }
+    };
+    let worker = welcome.worker_id;
+    if let Err(e) = write_frame(&mut send, &Message::Welcome(welcome), &[]).await {
+        tracing::warn!("worker {worker} at {remote}: {e}");
+        return;
+    }
+    let (outbox, mut rx) = mpsc::unbounded_channel::<Outbound>();
+    let joined = Event::Joined { worker, name: hello.worker_name.clone(), capacity: hello.capacity, outbox };
+    if ctx.events.send(joined).await.is_err() {
+        return;
+    }
+    tracing::info!(
+        "worker {worker} ({}, {}, capacity {}) joined from {remote}",
+        hello.worker_name,
+        hello.device,
+        hello.capacity
+    );
+
+    let writer_conn = conn.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let sent = match &out {
+                Outbound::Params { version, len, payload } => {
+                    let m = Message::Params { version: *version, dtype: Dtype::F32, len: *len };
+                    metrics::counter!("metatrain_sent_bytes_total").increment(payload.len() as u64);
+                    write_frame(&mut send, &m, payload).await
+                }
+                Outbound::Assign(tasks) => write_frame(&mut send, &Message::Assign { tasks: tasks.clone() }, &[]).await,
+                Outbound::Shutdown(reason) => {
+                    let r = write_frame(&mut send, &Message::Shutdown { reason: reason.clone() }, &[]).await;
+                    let _ = send.finish();
+                    r
+                }
+            };
+            if let Err(e) = sent {
+                writer_conn.close(CLOSE_PROTOCOL_ERROR.into(), b"control stream write failed");
+                return Err::<(), NetError>(e);
+            }
+        }
+        Ok(())
+    });
+
+    let reason = read_results(&conn, &ctx, worker).await;
+    writer.abort();
+    match &reason {
+        Ok(why) => tracing::info!("worker {worker} left: {why}"),
+        Err(e) => {
+            tracing::warn!("worker {worker} disconnected: {e}");
+            conn.close(CLOSE_PROTOCOL_ERROR.into(), e.to_string().as_bytes());
+        }
+    }
+    let reason = match reason {
+        Ok(r) => r,
+        Err(e) => e.to_string(),
+    };
+    let _ = ctx.events.send(Event::Left { worker, reason }).await;
+}
+
+/// Reads one frame per result stream until the connection ends. `Ok(reason)`: a clean end.
+async fn read_results(conn: &quinn::Connection, ctx: &Arc<ServerContext>, worker: u64) -> Result<String, HandlerError> {
+    let limits = Limits::with_payload(ctx.numel as u64 * 4);
+    let (errors_tx, mut errors_rx) = mpsc::channel::<HandlerError>(1);
+    loop {
+        tokio::select! {
+            stream = conn.accept_uni() => {
+                let mut stream = match stream {
+                    Ok(s) => s,
+                    Err(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == CLOSE_DONE.into() => {
+                        return Ok("closed by the worker".into())
+                    }
+                    Err(e) => return Ok(e.to_string()),
+                };
+                let (ctx, errors_tx) = (ctx.clone(), errors_tx.clone());
+                tokio::spawn(async move {
+                    let frame = tokio::time::timeout(RESULT_STREAM_TIMEOUT, read_frame(&mut stream, &limits)).await;
+                    let outcome = match frame {
+                        Err(_) => Err(HandlerError::Protocol("result stream too slow".into())),
+                        Ok(Err(e)) => Err(HandlerError::Protocol(e.to_string())),
+                        Ok(Ok(None)) => Err(HandlerError::Protocol("empty result stream".into())),
+                        Ok(Ok(Some(frame))) => handlers::dispatch(&ctx, worker, frame).await,
+                    };
+                    if let Err(e) = outcome {
+                        let _ = errors_tx.try_send(e);
+                    }
+                });
+            }
+            Some(e) = errors_rx.recv() => return Err(e),
+        }
+    }
+}

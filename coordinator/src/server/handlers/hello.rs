@@ -1,0 +1,32 @@
+//! `Hello`: check the protocol version and the worker's claims, then welcome it with the run's config.
+
+use std::sync::atomic::Ordering;
+
+use metatrain_common::protocol::{Hello, Welcome, PROTOCOL_VERSION};
+
+use crate::server::ServerContext;
+
+/// Most tasks a worker may claim to run at once (bounds its share of in-flight tasks).
+const MAX_CAPACITY: u32 = 256;
+
+/// `Ok(Welcome)` or the reason for refusal (sent to the worker, so it names both sides' values).
+pub fn handle(ctx: &ServerContext, hello: &Hello) -> Result<Welcome, String> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version mismatch: worker speaks v{}, coordinator speaks v{PROTOCOL_VERSION}; run the same metatrain release on both",
+            hello.protocol_version
+        ));
+    }
+    if hello.capacity == 0 || hello.capacity > MAX_CAPACITY {
+        return Err(format!("capacity must be in 1..={MAX_CAPACITY}, got {}", hello.capacity));
+    }
+    if hello.worker_name.chars().any(|c| c.is_control()) {
+        return Err("worker name contains control characters".into());
+    }
+    Ok(Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: ctx.next_worker.fetch_add(1, Ordering::Relaxed),
+        config_toml: ctx.config_toml.clone(),
+        layout_fingerprint: ctx.layout_fingerprint.clone(),
+    })
+}

@@ -1,0 +1,300 @@
+//! `metatrain train`: options, set-up (endpoint, metrics, local workers, output directory) and the loop
+//! over meta-steps and evaluations. The binary's `main` only parses and calls [`run`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use metatrain_common::config::Config;
+use metatrain_common::layout::params_sha256;
+use metatrain_common::net::{install_prometheus, load_or_create_identity, serve_metrics, server_endpoint};
+use tokio::sync::{mpsc, watch};
+
+use crate::local::{find_worker_binary, LocalSpec, LocalWorkers};
+use crate::progress::Progress;
+use crate::report::{config_json, write_json_atomic, write_params, EvalReport, MetricsCsv, Report};
+use crate::run::{RunError, Trainer};
+use crate::sampler;
+use crate::server::{self, ServerContext};
+
+/// Events buffered between the connections and the training loop (back-pressure beyond this).
+const EVENT_QUEUE: usize = 4096;
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Run configuration (TOML); see configs/ and the README's config reference. Default: built-in
+    /// defaults (sinusoid, MAML, mlp).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override a config value, e.g. `--set train.meta_lr=0.0005` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Shortcut for `--set train.steps=N`.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Shortcut for `--set seed=S`.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output directory (default: runs/<config name>-<UTC time>). Must not hold an earlier report.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Worker processes to start on this machine for the run (0: wait for external workers).
+    #[arg(long, default_value_t = 2)]
+    pub local_workers: usize,
+    /// libtorch threads per local worker (default: cores / local workers, at least 1).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// QUIC address to listen on. For a multi-machine cluster use e.g. 0.0.0.0:7070.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Where to serve Prometheus /metrics (`none` to disable; port 0 picks a free port, printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_addr: String,
+    /// Directory with the coordinator's certificate and key (created if missing). Reuse it across runs to
+    /// keep the fingerprint workers pin. Default: <out>/tls.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// Data directory for Omniglot (passed to local workers).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The metatrain-worker binary for local workers (default: beside this binary, then PATH).
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// Loads and validates the config with all overrides applied.
+    pub fn config(&self) -> Result<Config> {
+        let text = match &self.config {
+            Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?,
+            None => String::new(),
+        };
+        let mut overrides = self.overrides.clone();
+        if let Some(s) = self.steps {
+            overrides.push(format!("train.steps={s}"));
+        }
+        if let Some(s) = self.seed {
+            overrides.push(format!("seed={s}"));
+        }
+        let cfg = Config::from_toml_with_overrides(&text, &overrides);
+        match &self.config {
+            Some(p) => cfg.with_context(|| format!("in {}", p.display())),
+            None => cfg.context("in the built-in default config"),
+        }
+    }
+
+    fn out_dir(&self) -> PathBuf {
+        if let Some(o) = &self.out {
+            return o.clone();
+        }
+        let stem = self.config.as_ref().and_then(|p| p.file_stem()).and_then(|s| s.to_str()).unwrap_or("run");
+        PathBuf::from("runs").join(format!("{stem}-{}", utc_stamp()))
+    }
+}
+
+/// `YYYYmmdd-HHMMSS` in UTC, from the system clock (civil-from-days, no time-zone database needed).
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Runs a whole training job; returns the output directory.
+pub async fn run(args: TrainArgs) -> Result<PathBuf> {
+    let config = args.config()?;
+    let out = args.out_dir();
+    if out.join("report.json").exists() {
+        bail!("{} already holds a finished run (report.json); choose another --out", out.display());
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let started = Instant::now();
+
+    // Metrics first, so that everything after is observable.
+    if args.metrics_addr != "none" {
+        let addr: SocketAddr = args
+            .metrics_addr
+            .parse()
+            .with_context(|| format!("--metrics-addr {:?}: expected HOST:PORT or none", args.metrics_addr))?;
+        let handle = install_prometheus().map_err(anyhow::Error::msg)?;
+        crate::metrics::describe();
+        let bound = serve_metrics(addr, handle).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
+        eprintln!("metrics: http://{bound}/metrics");
+    }
+
+    let tls_dir = args.tls_dir.clone().unwrap_or_else(|| out.join("tls"));
+    let identity = load_or_create_identity(&tls_dir).map_err(anyhow::Error::msg)?;
+    let fingerprint = identity.fingerprint();
+    let endpoint = server_endpoint(args.listen, &identity).map_err(anyhow::Error::msg)?;
+    let bound = endpoint.local_addr()?;
+    let spec = metatrain_common::layout::ModelSpec::from_config(&config);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let ctx = Arc::new(ServerContext {
+        events: events_tx,
+        config_toml: config.to_toml(),
+        layout_fingerprint: spec.layout().fingerprint(),
+        numel: spec.layout().numel(),
+        next_worker: AtomicU64::new(1),
+    });
+    tokio::spawn(server::serve(endpoint.clone(), ctx));
+    eprintln!("coordinator listening on {bound} (QUIC), certificate fingerprint {fingerprint}");
+    eprintln!(
+        "  join with: metatrain-worker run --coordinator {} --fingerprint {fingerprint}",
+        if bound.ip().is_unspecified() { format!("<this-host>:{}", bound.port()) } else { bound.to_string() }
+    );
+
+    let local = if args.local_workers > 0 {
+        let binary = find_worker_binary(args.worker_bin.as_deref())?;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let threads = args.worker_threads.unwrap_or((cores / args.local_workers).max(1));
+        let connect: SocketAddr =
+            if bound.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], bound.port())) } else { bound };
+        let spec = LocalSpec {
+            binary: &binary,
+            count: args.local_workers,
+            coordinator: connect,
+            fingerprint: &fingerprint,
+            threads,
+            data_dir: args.data_dir.as_deref(),
+        };
+        eprintln!("starting {} local worker(s) ({} thread(s) each)", args.local_workers, threads);
+        Some(LocalWorkers::spawn(&spec)?)
+    } else {
+        None
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: stopping after writing the report (press Ctrl-C again to abort)");
+            let _ = stop_tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+
+    let mut trainer = Trainer::new(config.clone(), events_rx, local);
+    let outcome = train_loop(&mut trainer, &out, stop_rx).await;
+    trainer.shutdown_workers(if outcome.is_ok() { "run finished" } else { "run stopped" }).await;
+    endpoint.close(0u32.into(), b"run over");
+    let (final_step, eval, interrupted) = match outcome {
+        Ok((step, eval)) => (step, eval, false),
+        Err((step, RunError::Interrupted)) => (step, None, true),
+        Err((_, e)) => return Err(anyhow::Error::new(e).context("training failed")),
+    };
+    write_params(&out.join("params.safetensors"), &trainer.layout, &trainer.params)?;
+    let report = Report {
+        config: config_json(&config),
+        final_step,
+        interrupted,
+        eval,
+        params_sha256: params_sha256(&trainer.params),
+        wall_seconds: started.elapsed().as_secs_f64(),
+        tasks_completed: trainer.tasks_completed,
+        tasks_reassigned: trainer.tasks_reassigned(),
+        results_rejected: trainer.results_rejected,
+        max_workers: trainer.max_workers,
+    };
+    write_json_atomic(&out.join("report.json"), &report)?;
+    print_summary(&report, &out);
+    tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await.ok();
+    Ok(out)
+}
+
+/// Meta-steps, periodic evaluations, final evaluation. On error, also says how many steps were done.
+async fn train_loop(
+    trainer: &mut Trainer,
+    out: &Path,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(u64, Option<EvalReport>), (u64, RunError)> {
+    let config = trainer.config.clone();
+    let mut csv = MetricsCsv::create(&out.join("metrics.csv")).map_err(|e| (0, RunError::Io(e.to_string())))?;
+    let steps = config.train.steps;
+    let mut progress = Progress::new(0, steps);
+    let started = Instant::now();
+    let mut last_eval = String::new();
+    for step in 0..steps {
+        let t = Instant::now();
+        let specs = sampler::train_batch(config.seed, step, config.train.meta_batch);
+        let s = trainer.train_step(step, specs, &mut stop).await.map_err(|e| (step, e))?;
+        let secs = t.elapsed().as_secs_f64();
+        metrics::histogram!("metatrain_step_duration_seconds").record(secs);
+        csv.row("train", step + 1, &s, secs, started.elapsed().as_secs_f64())
+            .map_err(|e| (step + 1, RunError::Io(e.to_string())))?;
+        if config.eval.every > 0 && (step + 1) % config.eval.every == 0 && step + 1 < steps {
+            let t = Instant::now();
+            let e = trainer
+                .evaluate(step + 1, sampler::eval_batch(config.seed, config.eval.tasks), &mut stop)
+                .await
+                .map_err(|e| (step + 1, e))?;
+            csv.row("eval", step + 1, &e, t.elapsed().as_secs_f64(), started.elapsed().as_secs_f64())
+                .map_err(|e| (step + 1, RunError::Io(e.to_string())))?;
+            last_eval = describe_eval(&e);
+            progress.println(&format!("step {}: eval {last_eval}", step + 1));
+        }
+        progress.update(
+            step + 1,
+            &format!(
+                "train loss {:.4} → {:.4}{}",
+                s.pre_loss.mean,
+                s.post_loss.mean,
+                if last_eval.is_empty() { String::new() } else { format!(" | eval {last_eval}") }
+            ),
+        );
+    }
+    progress.finish();
+    if config.eval.final_tasks == 0 {
+        return Ok((steps, None));
+    }
+    eprintln!(
+        "final evaluation on {} held-out tasks ({} inner steps)",
+        config.eval.final_tasks, config.eval.inner_steps
+    );
+    let t = Instant::now();
+    let e = trainer
+        .evaluate(steps, sampler::final_eval_batch(config.seed, config.eval.final_tasks), &mut stop)
+        .await
+        .map_err(|e| (steps, e))?;
+    csv.row("eval", steps, &e, t.elapsed().as_secs_f64(), started.elapsed().as_secs_f64())
+        .map_err(|e| (steps, RunError::Io(e.to_string())))?;
+    Ok((steps, Some(EvalReport::from_summary(&e, config.eval.inner_steps))))
+}
+
+fn describe_eval(e: &crate::aggregate::BatchSummary) -> String {
+    let mut s = format!("loss {:.4} → {:.4}", e.pre_loss.mean, e.post_loss.mean);
+    if let Some(a) = e.post_accuracy {
+        s.push_str(&format!(", acc {:.1}%", 100.0 * a.mean));
+    }
+    s
+}
+
+fn print_summary(r: &Report, out: &Path) {
+    println!("run finished: {} meta-steps in {:.1}s, {} tasks", r.final_step, r.wall_seconds, r.tasks_completed);
+    if let Some(e) = &r.eval {
+        println!(
+            "held-out ({} tasks, {} inner steps): pre-adaptation loss {:.4} ± {:.4}, post-adaptation loss {:.4} ± {:.4}",
+            e.tasks, e.inner_steps, e.pre_adapt_loss, e.pre_adapt_loss_ci95, e.post_adapt_loss, e.post_adapt_loss_ci95
+        );
+        if let (Some(a), Some(ci)) = (e.accuracy, e.accuracy_ci95) {
+            println!("held-out accuracy {:.2}% ± {:.2}%", 100.0 * a, 100.0 * ci);
+        }
+    }
+    if r.interrupted {
+        println!("(interrupted: no final evaluation)");
+    }
+    println!("params_sha256 {}", r.params_sha256);
+    println!("wrote {}/report.json, metrics.csv, params.safetensors", out.display());
+}

@@ -1,0 +1,67 @@
+//! Finding and loading the data sets a run needs (only Omniglot reads files).
+//!
+//! The data directory is `--data-dir`, else `$METATRAIN_DATA_DIR`, else `shared/data` or `../shared/data`
+//! relative to the current directory or to the binary's checkout (`<repo>/target/<profile>/` → `<repo>/..`).
+//! Each `.npz` is checked against `omniglot/SHA256SUMS` when that file lists it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use metatrain_common::config::{Config, TaskConfig};
+use metatrain_common::layout::sha256_hex;
+use metatrain_common::omniglot::OmniglotSet;
+use metatrain_common::task::Datasets;
+
+/// Resolves the data directory (see the module doc). `None` when nothing plausible exists.
+pub fn resolve_data_dir(flag: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = flag {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("METATRAIN_DATA_DIR") {
+        return Some(PathBuf::from(p));
+    }
+    let mut candidates = vec![PathBuf::from("shared/data"), PathBuf::from("../shared/data")];
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(5) {
+            candidates.push(dir.join("shared/data"));
+            candidates.push(dir.join("../shared/data"));
+        }
+    }
+    candidates.into_iter().find(|c| c.join("omniglot").is_dir())
+}
+
+/// Loads what `config`'s task distribution needs.
+pub fn load_datasets(config: &Config, data_dir: Option<&Path>) -> Result<Datasets> {
+    let TaskConfig::Omniglot(_) = config.task else { return Ok(Datasets::default()) };
+    let dir = resolve_data_dir(data_dir)
+        .context("Omniglot tasks need the data directory: pass --data-dir DIR (holding omniglot/images_background.npz) or set METATRAIN_DATA_DIR")?;
+    let omni = dir.join("omniglot");
+    Ok(Datasets {
+        omniglot_background: Some(Arc::new(load_npz(&omni, "images_background.npz")?)),
+        omniglot_evaluation: Some(Arc::new(load_npz(&omni, "images_evaluation.npz")?)),
+    })
+}
+
+fn load_npz(dir: &Path, name: &str) -> Result<OmniglotSet> {
+    let path = dir.join(name);
+    let started = std::time::Instant::now();
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    if let Ok(sums) = std::fs::read_to_string(dir.join("SHA256SUMS")) {
+        if let Some(expected) = sums.lines().find_map(|l| l.strip_suffix(name).map(|h| h.trim().to_string())) {
+            let got = sha256_hex(&bytes);
+            if got != expected {
+                bail!("{} is corrupt: SHA-256 {got}, SHA256SUMS says {expected}", path.display());
+            }
+        }
+    }
+    let set = OmniglotSet::from_npz(std::io::Cursor::new(bytes))
+        .with_context(|| format!("cannot load {}", path.display()))?;
+    tracing::info!(
+        "loaded {} ({} characters) in {:.1}s",
+        path.display(),
+        set.n_chars(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(set)
+}

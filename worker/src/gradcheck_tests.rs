@@ -1,0 +1,199 @@
+//! Meta-gradients against finite differences in f64 (an oracle that uses no second-order autograd).
+//!
+//! MAML: d/dθ of L_query(adapt(θ)) is compared with central differences of the scalar function
+//! θ ↦ L_query(adapt(θ)) along random directions and along single coordinates (LayerNorm and batch-norm
+//! affine parameters included, set to non-trivial values). FOMAML: the gradient is compared with central
+//! differences of θ' ↦ L_query(θ') at the adapted parameters θ'. Steps are 1e-6 in f64: far below the
+//! distance to the next ReLU kink for these fixed seeds, so the check is deterministic, not flaky.
+
+use metatrain_common::config::{AlgoKind, ModelKind};
+use metatrain_common::layout::ModelSpec;
+use tch::{Kind, Tensor};
+
+use crate::algo::{adapt, leaves, meta_gradient, InnerLoop, TaskTensors};
+use crate::model::{forward, loss, TargetTensor};
+use crate::tensors::params_from_flat;
+
+const EPS: f64 = 1e-6;
+/// Agreement required between analytic and finite-difference directional derivatives (relative, f64).
+const TOL: f64 = 1e-6;
+
+fn seeded(seed: i64) {
+    tch::manual_seed(seed);
+}
+
+/// Initial parameters with every tensor perturbed so that norm affine parameters are not 1/0.
+fn params(spec: &ModelSpec, seed: i64) -> Vec<Tensor> {
+    seeded(seed);
+    let flat = spec.init_params(seed as u64);
+    params_from_flat(&spec.layout(), &flat, Kind::Double)
+        .into_iter()
+        .map(|p| &p + Tensor::randn(p.size(), (Kind::Double, tch::Device::Cpu)) * 0.2)
+        .collect()
+}
+
+fn regression_task(in_features: i64, n_support: i64, n_query: i64) -> TaskTensors {
+    let opts = (Kind::Double, tch::Device::Cpu);
+    TaskTensors {
+        support_x: Tensor::randn([n_support, in_features], opts),
+        support_y: TargetTensor::Real(Tensor::randn([n_support, 1], opts)),
+        query_x: Tensor::randn([n_query, in_features], opts),
+        query_y: TargetTensor::Real(Tensor::randn([n_query, 1], opts)),
+    }
+}
+
+fn image_task(n_way: i64, shots: i64, queries: i64) -> TaskTensors {
+    let opts = (Kind::Double, tch::Device::Cpu);
+    let labels = |k: i64| Tensor::arange(n_way, (Kind::Int64, tch::Device::Cpu)).repeat_interleave_self_int(k, 0, None);
+    TaskTensors {
+        support_x: Tensor::rand([n_way * shots, 1, 28, 28], opts),
+        support_y: TargetTensor::Class(labels(shots)),
+        query_x: Tensor::rand([n_way * queries, 1, 28, 28], opts),
+        query_y: TargetTensor::Class(labels(queries)),
+    }
+}
+
+fn adapted_query_loss(spec: &ModelSpec, theta: &[Tensor], task: &TaskTensors, inner: &InnerLoop) -> f64 {
+    let adapted = adapt(spec, &leaves(theta), task, inner, false);
+    let l = loss(&forward(spec, &adapted, &task.query_x), &task.query_y);
+    l.double_value(&[])
+}
+
+fn dot(a: &[Tensor], b: &[Tensor]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x * y).sum(Kind::Double).double_value(&[])).sum()
+}
+
+fn shifted(theta: &[Tensor], v: &[Tensor], s: f64) -> Vec<Tensor> {
+    theta.iter().zip(v).map(|(t, d)| t + d * s).collect()
+}
+
+/// Directions: `n` random unit directions plus one-hot directions on the named parameters' first entries.
+fn directions(theta: &[Tensor], names: &[String], coords_of: &[&str], n: usize) -> Vec<Vec<Tensor>> {
+    let mut dirs = Vec::new();
+    for _ in 0..n {
+        let v: Vec<Tensor> = theta.iter().map(|t| Tensor::randn(t.size(), (Kind::Double, tch::Device::Cpu))).collect();
+        let norm = dot(&v, &v).sqrt();
+        dirs.push(v.iter().map(|x| x / norm).collect());
+    }
+    for (i, name) in names.iter().enumerate() {
+        if coords_of.iter().any(|c| name == c) {
+            for k in 0..theta[i].numel().min(3) as i64 {
+                let v: Vec<Tensor> = theta.iter().map(|t| t.zeros_like()).collect();
+                let flat = v[i].view(-1);
+                let _ = flat.get(k).fill_(1.0);
+                dirs.push(v);
+            }
+        }
+    }
+    dirs
+}
+
+fn check_maml(spec: &ModelSpec, task: &TaskTensors, inner: InnerLoop, seed: i64, coords: &[&str]) {
+    let theta = params(spec, seed);
+    let names: Vec<String> = spec.layout().params.iter().map(|p| p.name.clone()).collect();
+    let out = meta_gradient(spec, AlgoKind::Maml, &theta, task, &inner);
+    let g = out.meta_gradient.expect("train mode returns a gradient");
+    let fo = meta_gradient(spec, AlgoKind::Fomaml, &theta, task, &inner).meta_gradient.expect("gradient");
+    let mut worst: f64 = 0.0;
+    let mut fo_worst: f64 = 0.0;
+    for v in directions(&theta, &names, coords, 4) {
+        let analytic = dot(&g, &v);
+        let fd = (adapted_query_loss(spec, &shifted(&theta, &v, EPS), task, &inner)
+            - adapted_query_loss(spec, &shifted(&theta, &v, -EPS), task, &inner))
+            / (2.0 * EPS);
+        let err = (analytic - fd).abs() / fd.abs().max(1e-3);
+        worst = worst.max(err);
+        fo_worst = fo_worst.max((dot(&fo, &v) - fd).abs() / fd.abs().max(1e-3));
+    }
+    println!(
+        "{:?} K={} MAML vs finite differences: max rel err {worst:.2e} (FOMAML would be {fo_worst:.2e})",
+        spec.kind, inner.steps
+    );
+    assert!(worst < TOL, "MAML meta-gradient disagrees with finite differences: {worst:e}");
+    // The oracle must be able to tell second order from first order, or the check above proves little.
+    assert!(fo_worst > 100.0 * TOL.max(worst), "FOMAML indistinguishable from MAML here ({fo_worst:e})");
+}
+
+fn check_fomaml(spec: &ModelSpec, task: &TaskTensors, inner: InnerLoop, seed: i64) {
+    let theta = params(spec, seed);
+    let g = meta_gradient(spec, AlgoKind::Fomaml, &theta, task, &inner).meta_gradient.expect("gradient");
+    let adapted: Vec<Tensor> = adapt(spec, &leaves(&theta), task, &inner, false).iter().map(|t| t.detach()).collect();
+    let query = |p: &[Tensor]| loss(&forward(spec, p, &task.query_x), &task.query_y).double_value(&[]);
+    let mut worst: f64 = 0.0;
+    for v in directions(&theta, &[], &[], 4) {
+        let fd = (query(&shifted(&adapted, &v, EPS)) - query(&shifted(&adapted, &v, -EPS))) / (2.0 * EPS);
+        worst = worst.max((dot(&g, &v) - fd).abs() / fd.abs().max(1e-3));
+    }
+    println!(
+        "{:?} K={} FOMAML vs finite differences at the adapted parameters: max rel err {worst:.2e}",
+        spec.kind, inner.steps
+    );
+    assert!(worst < TOL, "FOMAML gradient disagrees with finite differences: {worst:e}");
+}
+
+const LN_COORDS: &[&str] = &["norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "layer1.weight"];
+
+#[test]
+fn maml_mlp_ln_one_and_several_steps() {
+    let spec = ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 };
+    for (steps, seed) in [(1, 11), (3, 12)] {
+        seeded(seed);
+        let task = regression_task(2, 10, 8);
+        check_maml(&spec, &task, InnerLoop { steps, lr: 0.1, clamp: f64::INFINITY }, seed, LN_COORDS);
+    }
+}
+
+#[test]
+fn maml_mlp_with_clamping_that_bites() {
+    let spec = ModelSpec { kind: ModelKind::Mlp, in_features: 1, outputs: 1 };
+    seeded(21);
+    let task = regression_task(1, 10, 10);
+    check_maml(&spec, &task, InnerLoop { steps: 2, lr: 0.05, clamp: 0.05 }, 21, &["layer3.bias"]);
+}
+
+#[test]
+fn maml_conv4_with_batch_norm() {
+    let spec = ModelSpec { kind: ModelKind::Conv4, in_features: 784, outputs: 3 };
+    seeded(31);
+    let task = image_task(3, 2, 2);
+    check_maml(
+        &spec,
+        &task,
+        InnerLoop { steps: 2, lr: 0.4, clamp: 10.0 },
+        31,
+        &["bn1.weight", "bn4.bias", "head.bias"],
+    );
+}
+
+#[test]
+fn fomaml_mlp_ln_and_conv4() {
+    let spec = ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 };
+    seeded(41);
+    let task = regression_task(2, 10, 8);
+    check_fomaml(&spec, &task, InnerLoop { steps: 3, lr: 0.1, clamp: 10.0 }, 41);
+    let spec = ModelSpec { kind: ModelKind::Conv4, in_features: 784, outputs: 3 };
+    seeded(42);
+    let task = image_task(3, 1, 2);
+    check_fomaml(&spec, &task, InnerLoop { steps: 1, lr: 0.4, clamp: 10.0 }, 42);
+}
+
+#[test]
+fn inner_clamp_is_symmetric() {
+    // One inner step on a model whose gradients are large in both signs: every move is at most lr·c,
+    // and both +lr·c and −lr·c occur (clamping only the upper side would leave large negative moves).
+    let spec = ModelSpec { kind: ModelKind::Mlp, in_features: 1, outputs: 1 };
+    seeded(51);
+    let theta = params(&spec, 51);
+    let mut task = regression_task(1, 10, 10);
+    task.support_y = TargetTensor::Real(Tensor::randn([10, 1], (Kind::Double, tch::Device::Cpu)) * 100.0);
+    let (lr, c) = (0.1, 0.5);
+    let adapted = adapt(&spec, &leaves(&theta), &task, &InnerLoop { steps: 1, lr, clamp: c }, false);
+    let moves: Vec<f64> = theta
+        .iter()
+        .zip(&adapted)
+        .flat_map(|(a, b)| Vec::<f64>::try_from((b.detach() - a).flatten(0, -1)).unwrap_or_default())
+        .collect();
+    let max = moves.iter().cloned().fold(f64::MIN, f64::max);
+    let min = moves.iter().cloned().fold(f64::MAX, f64::min);
+    assert!((max - lr * c).abs() < 1e-12 && (min + lr * c).abs() < 1e-12, "moves in [{min}, {max}], bound {}", lr * c);
+}

@@ -1,0 +1,189 @@
+//! `metatrain-worker`: the compute plane, and the only crate that links libtorch.
+//!
+//! - `model`: functional models over explicit parameters (`mlp`, `mlp-ln`, `conv4`).
+//! - `algo`: the inner loop and meta-gradients (MAML, FOMAML), checked against finite differences.
+//! - `tensors`: wire vectors and task data ↔ tensors.
+//! - `compute`: the thread pool that runs tasks off the async runtime.
+//! - `client`: the QUIC session with the coordinator.
+//! - `data`: finding and loading Omniglot.
+//! - `grad_cmd`: `metatrain-worker grad`, one meta-gradient from files, for cross-checking.
+//!
+//! Flow: client receives Params + Assign → compute builds the task from its spec (common::task), runs
+//! algo on model → client sends the Result with the meta-gradient payload.
+
+mod algo;
+mod client;
+mod compute;
+mod data;
+mod grad_cmd;
+#[cfg(test)]
+mod gradcheck_tests;
+mod model;
+mod tensors;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tch::Device;
+
+#[derive(Parser)]
+#[command(
+    name = "metatrain-worker",
+    version,
+    about = "metatrain compute worker: adapts the model to each task it is sent and returns the meta-gradient"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join a coordinator and compute tasks until the run ends.
+    Run(RunArgs),
+    /// Compute one meta-gradient from files (for checking against PyTorch or finite differences).
+    Grad(grad_cmd::GradArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The coordinator's QUIC address, HOST:PORT (printed by `metatrain train`).
+    #[arg(long, env = "METATRAIN_COORDINATOR")]
+    coordinator: String,
+    /// SHA-256 fingerprint (hex) of the coordinator's certificate, printed by `metatrain train`; the worker
+    /// accepts no other certificate.
+    #[arg(long, env = "METATRAIN_FINGERPRINT")]
+    fingerprint: String,
+    /// Name in the coordinator's logs (default: hostname-pid).
+    #[arg(long)]
+    name: Option<String>,
+    /// Tasks computed at once (one compute thread each).
+    #[arg(long, default_value_t = 1)]
+    capacity: usize,
+    /// libtorch intra-op threads per compute thread. Default: 1, which keeps results bitwise identical
+    /// across workers; raise it for large models.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
+    /// Directory holding `omniglot/` (default: $METATRAIN_DATA_DIR, then ../shared/data near the checkout).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where to serve Prometheus /metrics (`none` to disable). Port 0 picks a free port, printed at start.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    metrics_addr: String,
+    /// Keep retrying the first connection this many seconds.
+    #[arg(long, default_value_t = 30)]
+    connect_timeout: u64,
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    if let Some(n) = s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        return Ok(Device::Cuda(n));
+    }
+    if s == "cuda" {
+        return Ok(Device::Cuda(0));
+    }
+    Err(format!("expected cpu or cuda:N, got {s:?}"))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Grad(args) => {
+            tch::set_num_threads(1);
+            grad_cmd::run(args)
+        }
+        Command::Run(args) => run(args),
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    metatrain_common::net::install_crypto_provider();
+    if args.capacity == 0 || args.capacity > 256 {
+        bail!("--capacity must be in 1..=256, got {}", args.capacity);
+    }
+    if args.threads == 0 || args.threads > 1024 {
+        bail!("--threads must be in 1..=1024, got {}", args.threads);
+    }
+    if let Device::Cuda(n) = args.device {
+        let have = tch::Cuda::device_count() as usize;
+        if n >= have {
+            bail!("--device cuda:{n} requested but libtorch sees {have} CUDA device(s) (CPU-only build? see README: METATRAIN_CUDA=1)");
+        }
+    }
+    tch::set_num_threads(args.threads as i32);
+    let coordinator: SocketAddr = resolve(&args.coordinator)?;
+    let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(async move {
+        if args.metrics_addr != "none" {
+            let addr: SocketAddr =
+                args.metrics_addr.parse().with_context(|| format!("--metrics-addr {:?}", args.metrics_addr))?;
+            let handle = metatrain_common::net::install_prometheus().map_err(anyhow::Error::msg)?;
+            describe_metrics();
+            let bound = metatrain_common::net::serve_metrics(addr, handle)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            tracing::info!("metrics: http://{bound}/metrics");
+        }
+        let opts = client::ClientOptions {
+            coordinator,
+            fingerprint: args.fingerprint,
+            name,
+            capacity: args.capacity,
+            threads: args.threads,
+            device: args.device,
+            data_dir: args.data_dir,
+            connect_timeout: Duration::from_secs(args.connect_timeout),
+        };
+        match client::run(opts).await? {
+            client::SessionEnd::Shutdown(reason) => tracing::info!("coordinator ended the run: {reason}"),
+        }
+        Ok(())
+    })
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .with_context(|| format!("--coordinator {addr:?}: expected HOST:PORT"))?
+        .next()
+        .with_context(|| format!("--coordinator {addr:?} resolves to no address"))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "worker".into())
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_histogram!(
+        "metatrain_worker_task_duration_seconds",
+        Unit::Seconds,
+        "Time to compute one task (data, inner loop, meta-gradient), by mode."
+    );
+    describe_counter!("metatrain_worker_tasks_completed_total", "Tasks this worker computed and returned, by mode.");
+    describe_counter!(
+        "metatrain_worker_tasks_failed_total",
+        "Tasks this worker could not compute (reported to the coordinator)."
+    );
+    describe_counter!("metatrain_worker_params_received_total", "Parameter versions received from the coordinator.");
+    describe_counter!(
+        "metatrain_worker_sent_bytes_total",
+        Unit::Bytes,
+        "Gradient payload bytes sent to the coordinator."
+    );
+}

@@ -1,0 +1,83 @@
+//! Functional models: `forward(spec, params, x)` over an explicit, ordered parameter list (the
+//! [`ParamLayout`](metatrain_common::layout::ParamLayout) order), so that the inner loop can run the same
+//! model on adapted parameters and autograd can differentiate through them.
+//!
+//! **Batch norm in `conv4`.** Every forward pass normalises with the statistics of the batch it is given
+//! (the support set while adapting, the query set when evaluating) and keeps no running statistics, as in
+//! MAML's reference implementation and learn2learn. The model therefore has no state besides its
+//! parameters; the batch-norm scale and shift are ordinary parameters that adapt in the inner loop. At
+//! meta-test time this is the transductive setting the published Omniglot numbers use.
+
+use metatrain_common::config::ModelKind;
+use metatrain_common::layout::{ModelSpec, CONV4_IMAGE_SIDE};
+use tch::{Kind, Tensor};
+
+/// LayerNorm and batch-norm epsilon (PyTorch's default).
+pub const NORM_EPS: f64 = 1e-5;
+
+/// Model outputs for inputs `x` (`[n, features]` for the MLPs, `[n, 1, 28, 28]` for conv4).
+pub fn forward(spec: &ModelSpec, params: &[Tensor], x: &Tensor) -> Tensor {
+    match spec.kind {
+        ModelKind::Mlp => {
+            let h = x.linear(&params[0], Some(&params[1])).relu();
+            let h = h.linear(&params[2], Some(&params[3])).relu();
+            h.linear(&params[4], Some(&params[5]))
+        }
+        ModelKind::MlpLn => {
+            let width = params[1].size()[0];
+            let h = x.linear(&params[0], Some(&params[1]));
+            let h = h.layer_norm([width], Some(&params[2]), Some(&params[3]), NORM_EPS, false).relu();
+            let h = h.linear(&params[4], Some(&params[5]));
+            let h = h.layer_norm([width], Some(&params[6]), Some(&params[7]), NORM_EPS, false).relu();
+            h.linear(&params[8], Some(&params[9]))
+        }
+        ModelKind::Conv4 => {
+            let n = x.size()[0];
+            let side = CONV4_IMAGE_SIDE as i64;
+            let mut h = x.reshape([n, 1, side, side]);
+            for block in 0..4 {
+                let p = &params[4 * block..4 * block + 4];
+                h = h.conv2d(&p[0], Some(&p[1]), [2, 2], [1, 1], [1, 1], 1);
+                h = Tensor::batch_norm(
+                    &h,
+                    Some(&p[2]),
+                    Some(&p[3]),
+                    None::<&Tensor>,
+                    None::<&Tensor>,
+                    true,
+                    0.0,
+                    NORM_EPS,
+                    false,
+                )
+                .relu();
+            }
+            h.flatten(1, -1).linear(&params[16], Some(&params[17]))
+        }
+    }
+}
+
+/// Targets as tensors: regression values `[n, 1]` or class labels `[n]` (int64).
+pub enum TargetTensor {
+    Real(Tensor),
+    Class(Tensor),
+}
+
+/// Mean loss of `outputs` against `targets`: MSE for regression, cross-entropy for classification.
+pub fn loss(outputs: &Tensor, targets: &TargetTensor) -> Tensor {
+    match targets {
+        TargetTensor::Real(y) => (outputs - y).square().mean(outputs.kind()),
+        // Not tch's `cross_entropy_for_logits`: it computes log-softmax in f32 whatever the input dtype.
+        TargetTensor::Class(labels) => outputs.log_softmax(-1, outputs.kind()).nll_loss(labels),
+    }
+}
+
+/// Fraction of correct predictions (classification only).
+pub fn accuracy(outputs: &Tensor, targets: &TargetTensor) -> Option<f64> {
+    match targets {
+        TargetTensor::Real(_) => None,
+        TargetTensor::Class(labels) => {
+            let correct = outputs.argmax(-1, false).eq_tensor(labels).to_kind(Kind::Double).mean(Kind::Double);
+            Some(correct.double_value(&[]))
+        }
+    }
+}
