@@ -197,3 +197,17 @@ fn inner_clamp_is_symmetric() {
     let min = moves.iter().cloned().fold(f64::MAX, f64::min);
     assert!((max - lr * c).abs() < 1e-12 && (min + lr * c).abs() < 1e-12, "moves in [{min}, {max}], bound {}", lr * c);
 }
+
+#[test]
+fn a_small_inner_step_lowers_the_support_loss() {
+    let spec = ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 };
+    seeded(61);
+    let theta = params(&spec, 61);
+    let task = regression_task(2, 12, 9);
+    let support = |p: &[Tensor]| loss(&forward(&spec, p, &task.support_x), &task.support_y).double_value(&[]);
+    let before = support(&theta);
+    let adapted = adapt(&spec, &leaves(&theta), &task, &InnerLoop { steps: 1, lr: 1e-3, clamp: f64::INFINITY }, false);
+    let after = support(&adapted);
+    println!("support loss {before} -> {after}");
+    assert!(after < before, "gradient descent must descend: {before} -> {after}");
+}

@@ -1,0 +1,108 @@
+//! /metrics of a running coordinator and of a worker: the required metrics are there, with HELP text,
+//! and `promtool check metrics` accepts both. The run is then interrupted (SIGINT), which must still
+//! write a report.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use metatrain_tests::{binary, coordinator_address, metrics_address, read_report, root, scrape, scratch, Proc};
+
+const COORDINATOR_METRICS: &[&str] = &[
+    "metatrain_meta_steps_total",
+    "metatrain_tasks_completed_total",
+    "metatrain_workers_connected",
+    "metatrain_meta_train_loss",
+    "metatrain_meta_test_loss",
+    "metatrain_meta_grad_norm",
+    "metatrain_step_duration_seconds_bucket",
+    "metatrain_task_duration_seconds_bucket",
+];
+const WORKER_METRICS: &[&str] =
+    &["metatrain_worker_task_duration_seconds_bucket", "metatrain_worker_tasks_completed_total"];
+
+fn promtool(text: &str, who: &str) {
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        if std::env::var_os("CI").is_some() {
+            panic!("promtool is required in CI (Debian package `prometheus`; scripts/test.sh installs it)");
+        }
+        eprintln!("SKIPPED promtool check for {who}: promtool not installed (apt-get install prometheus)");
+        return;
+    };
+    use std::io::Write;
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool on {who}'s metrics: {report}\n{text}");
+}
+
+fn has_help(text: &str, name: &str) -> bool {
+    let base = name.trim_end_matches("_bucket");
+    text.lines().any(|l| l.starts_with(&format!("# HELP {base} ")))
+}
+
+#[test]
+fn coordinator_and_worker_metrics_pass_promtool() {
+    let dir = scratch("metrics");
+    let mut coord = Proc::spawn(
+        Command::new(binary("metatrain"))
+            .arg("train")
+            .arg("--config")
+            .arg(root().join("configs/sinusoid.toml"))
+            .args(["--steps", "100000", "--set", "eval.every=20", "--set", "eval.tasks=10", "--local-workers", "0"])
+            .arg("--out")
+            .arg(dir.join("run")),
+        "coordinator",
+    );
+    let coord_metrics = coord.wait_for(Duration::from_secs(30), metrics_address);
+    let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
+    let mut worker = Proc::spawn(
+        Command::new(binary("metatrain-worker")).args([
+            "run",
+            "--coordinator",
+            &addr,
+            "--fingerprint",
+            &fp,
+            "--name",
+            "probe",
+        ]),
+        "worker",
+    );
+    let worker_metrics = worker.wait_for(Duration::from_secs(30), metrics_address);
+
+    // Poll until an evaluation has happened (every metric then has a value).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let coord_text = loop {
+        let t = scrape(&coord_metrics);
+        if t.contains("metatrain_meta_test_loss ") && COORDINATOR_METRICS.iter().all(|m| t.contains(m)) {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "coordinator metrics incomplete:\n{t}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let worker_text = scrape(&worker_metrics);
+    for m in COORDINATOR_METRICS {
+        assert!(has_help(&coord_text, m), "no HELP for {m}");
+    }
+    for m in WORKER_METRICS {
+        assert!(worker_text.contains(m) && has_help(&worker_text, m), "worker lacks {m}:\n{worker_text}");
+    }
+    assert!(coord_text.contains("metatrain_workers_connected 1"));
+    promtool(&coord_text, "the coordinator");
+    promtool(&worker_text, "the worker");
+
+    // Ctrl-C: the coordinator stops, tells the worker, and still writes its report.
+    coord.signal("INT");
+    let (status, _) = coord.finish(Duration::from_secs(30));
+    assert!(status.success(), "interrupted run exits 0: {status}");
+    let report = read_report(&dir.join("run"));
+    assert_eq!(report["interrupted"], true);
+    assert!(report["final_step"].as_u64().unwrap_or(0) >= 20);
+    let (wstatus, _) = worker.finish(Duration::from_secs(30));
+    assert!(wstatus.success(), "worker exits cleanly on Shutdown: {wstatus}");
+}
