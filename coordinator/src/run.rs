@@ -225,11 +225,12 @@ impl Trainer {
                 self.count_failure(id, by_id, reason)?;
                 Ok(self.scheduler.retry(worker, id, now))
             }
-            Event::Result { worker, result, outcome, received_bytes: _ } => {
+            Event::Result { worker, result, outcome } => {
                 let outcome = match outcome {
-                    Ok(o) if result.mode != mode && result.version == version => {
+                    // A result in another mode than its task was assigned in (e.g. a gradient for an
+                    // evaluation task): refused like any malformed result.
+                    Ok(_) if result.mode != mode && result.version == version => {
                         self.reject("wrong_mode");
-                        let _ = o;
                         return Ok(self.scheduler.retry(worker, result.id, now));
                     }
                     Ok(o) => o,

@@ -70,7 +70,7 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions) -> Result<S
         capacity: opts.capacity as u32,
         device: format!("{:?}", opts.device).to_lowercase(),
     };
-    write_frame(&mut send, &Message::Hello(hello), &[]).await?;
+    write_frame(&mut send, &Message::Hello(hello.clone()), &[]).await?;
     let welcome = match read_frame(&mut recv, &Limits::CONTROL).await?.map(|f| f.message) {
         Some(Message::Welcome(w)) => w,
         Some(Message::Refused { reason }) => bail!("the coordinator refused this worker: {reason}"),
@@ -90,7 +90,7 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions) -> Result<S
         welcome.worker_id,
         config.algo.name.name(),
         config.model.name.name(),
-        hello_device(opts)
+        hello.device
     );
     let datasets = load_datasets(&config, opts.data_dir.as_deref())?;
     let numel = layout.numel();
@@ -105,9 +105,9 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions) -> Result<S
             frame = read_frame(&mut recv, &limits) => {
                 let Some(frame) = frame? else { bail!("the coordinator closed the control stream") };
                 match frame.message {
-                    Message::Params { version, dtype, len } => {
+                    Message::Params { version, dtype, .. } => {
+                        // The length is checked against this worker's own layout, not the header's claim.
                         let params = decode_f32(&frame.payload, dtype, numel).context("bad parameters from the coordinator")?;
-                        debug_assert_eq!(len as usize, numel);
                         versions.insert(version, Arc::new(params));
                         while versions.len() > KEPT_VERSIONS {
                             versions.pop_first();
@@ -129,10 +129,6 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions) -> Result<S
             Some(outcome) = out_rx.recv() => send_outcome(connection, outcome).await?,
         }
     }
-}
-
-fn hello_device(opts: &ClientOptions) -> String {
-    format!("{:?}", opts.device).to_lowercase()
 }
 
 async fn send_outcome(connection: &quinn::Connection, outcome: Outcome) -> Result<()> {

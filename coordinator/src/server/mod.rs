@@ -37,7 +37,6 @@ pub enum Event {
         worker: WorkerId,
         result: TaskResult,
         outcome: Result<TaskOutcome, Rejection>,
-        received_bytes: u64,
     },
     TaskFailed {
         worker: WorkerId,

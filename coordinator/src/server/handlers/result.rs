@@ -9,6 +9,6 @@ use crate::server::{Event, ServerContext};
 
 pub async fn handle(ctx: &ServerContext, worker: u64, result: TaskResult, payload: &[u8]) -> Result<(), HandlerError> {
     let outcome = validate(&result, payload, ctx.numel);
-    let event = Event::Result { worker, result, outcome, received_bytes: payload.len() as u64 };
+    let event = Event::Result { worker, result, outcome };
     ctx.events.send(event).await.map_err(|_| HandlerError::Shutdown)
 }
