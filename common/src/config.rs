@@ -34,6 +34,7 @@ pub struct Config {
     pub train: TrainConfig,
     pub eval: EvalConfig,
     pub cluster: ClusterConfig,
+    pub checkpoint: CheckpointConfig,
 }
 
 impl Default for Config {
@@ -46,6 +47,7 @@ impl Default for Config {
             train: TrainConfig::default(),
             eval: EvalConfig::default(),
             cluster: ClusterConfig::default(),
+            checkpoint: CheckpointConfig::default(),
         }
     }
 }
@@ -246,7 +248,40 @@ impl Default for ClusterConfig {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Write a checkpoint every this many meta-steps (0: only when the run stops). Default 100.
+    pub every: u64,
+    /// Checkpoints kept in `<out>/checkpoints` (older ones are deleted). Default 3.
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every: 100, keep: 3 }
+    }
+}
+
+/// Config keys that may change when a run is resumed: they do not change the parameters' trajectory.
+pub const RESUMABLE_PREFIXES: &[&str] = &["train.steps", "eval.", "cluster.", "checkpoint."];
+
 impl Config {
+    /// Keys whose values differ between `self` (e.g. a checkpoint's config) and `other` and that a resumed
+    /// run may not change, as `key: old vs new` lines. Empty: `other` can continue `self`'s run.
+    pub fn resume_conflicts(&self, other: &Config) -> Vec<String> {
+        let (a, b) = (flatten(self), flatten(other));
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .filter(|k| !RESUMABLE_PREFIXES.iter().any(|p| k.starts_with(p)))
+            .filter(|k| a.get(*k) != b.get(*k))
+            .map(|k| {
+                let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+                format!("{k}: {} in the checkpoint, {} now", show(a.get(k)), show(b.get(k)))
+            })
+            .collect()
+    }
+
     /// Parses TOML text, applies `KEY=VALUE` overrides, and validates.
     pub fn from_toml_with_overrides(text: &str, overrides: &[String]) -> Result<Config, ConfigError> {
         let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
@@ -345,6 +380,9 @@ impl Config {
                 return Err(invalid("eval.inner_lr", format!("must be finite and ≥ 0, got {lr}")));
             }
         }
+        if self.checkpoint.keep == 0 || self.checkpoint.keep > 1000 {
+            return Err(invalid("checkpoint.keep", format!("must be in 1..=1000, got {}", self.checkpoint.keep)));
+        }
         let c = &self.cluster;
         if c.tasks_in_flight == 0 || c.tasks_in_flight > 4096 {
             return Err(invalid("cluster.tasks_in_flight", format!("must be in 1..=4096, got {}", c.tasks_in_flight)));
@@ -367,6 +405,28 @@ impl Config {
     pub fn is_classification(&self) -> bool {
         matches!(self.task, TaskConfig::Omniglot(_))
     }
+}
+
+/// `section.key` → value as TOML text, for every leaf of the config.
+fn flatten(config: &Config) -> std::collections::BTreeMap<String, String> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(v) = toml::Value::try_from(config) {
+        walk("", &v, &mut out);
+    }
+    out
 }
 
 /// Regression sections may leave `support`/`query` out; their defaults depend on the distribution.
@@ -443,6 +503,22 @@ mod tests {
         assert!(e.to_string().contains("model.name"), "{e}");
         let e = Config::from_toml_with_overrides("", &["nonsense".into()]).unwrap_err();
         assert!(matches!(e, ConfigError::BadOverride(_)));
+    }
+
+    #[test]
+    fn resume_conflicts_name_what_differs_and_allow_run_length_changes() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.train.steps = 99_999;
+        b.eval.every = 7;
+        b.checkpoint.every = 3;
+        assert!(a.resume_conflicts(&b).is_empty());
+        b.train.meta_lr = 0.5;
+        b.algo.name = AlgoKind::Fomaml;
+        let c = a.resume_conflicts(&b);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c.iter().any(|l| l.starts_with("train.meta_lr: 0.001 in the checkpoint, 0.5 now")), "{c:?}");
+        assert!(c.iter().any(|l| l.starts_with("algo.name")), "{c:?}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`scheduler`]: who computes which task; deadlines, reassignment, membership (I/O-free state machine).
 //! - [`aggregate`]: validate results, reduce in task-index order, clip by global norm.
 //! - [`optim`]: Adam over the flat meta-parameters.
+//! - [`checkpoint`]: atomic save/resume of everything that determines the rest of the run.
 //! - [`server`]: the QUIC endpoint, one handler per message kind.
 //! - [`run`]: the training loop that feeds server events and ticks to the cores above.
 //! - [`train`]: `metatrain train` (set-up, loop, output); [`report`], [`progress`], [`local`], [`metrics`].
@@ -11,6 +12,7 @@
 //! Flow: `sampler` → `scheduler` → `server` (Params/Assign out, Result in) → `aggregate` → `optim`.
 
 pub mod aggregate;
+pub mod checkpoint;
 pub mod local;
 pub mod metrics;
 pub mod optim;

@@ -47,7 +47,10 @@ pub struct LocalSpec<'a> {
     pub count: usize,
     pub coordinator: SocketAddr,
     pub fingerprint: &'a str,
+    /// libtorch threads per compute thread.
     pub threads: usize,
+    /// Tasks each worker computes at once (one compute thread each).
+    pub capacity: usize,
     pub data_dir: Option<&'a Path>,
 }
 
@@ -65,11 +68,21 @@ impl LocalWorkers {
                 .arg(format!("local-{i}"))
                 .arg("--threads")
                 .arg(spec.threads.to_string())
+                .arg("--capacity")
+                .arg(spec.capacity.to_string())
                 .arg("--metrics-addr")
                 .arg("127.0.0.1:0")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .kill_on_drop(true);
+            // Die with the coordinator even if it is killed outright (SIGKILL skips kill_on_drop).
+            #[cfg(target_os = "linux")]
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
             if let Some(d) = spec.data_dir {
                 cmd.arg("--data-dir").arg(d);
             }

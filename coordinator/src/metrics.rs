@@ -43,4 +43,11 @@ pub fn describe() {
     describe_counter!("metatrain_sent_bytes_total", Unit::Bytes, "Parameter payload bytes sent to workers.");
     describe_counter!("metatrain_received_bytes_total", Unit::Bytes, "Result payload bytes received from workers.");
     describe_gauge!("metatrain_params_version", "Parameter version (meta-steps applied so far).");
+    describe_histogram!("metatrain_checkpoint_duration_seconds", Unit::Seconds, "Time to write one checkpoint.");
+    describe_gauge!(
+        "metatrain_checkpoint_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last checkpoint (checkpoint age = time() - this)."
+    );
+    describe_gauge!("metatrain_checkpoint_step", "Meta-step of the last checkpoint.");
 }

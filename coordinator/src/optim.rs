@@ -28,6 +28,20 @@ impl Adam {
         }
     }
 
+    /// The state a checkpoint needs: (step count, first moments, second moments).
+    pub fn state(&self) -> (u64, &[f32], &[f32]) {
+        (self.t, &self.m, &self.v)
+    }
+
+    /// Restores a checkpointed state; the lengths must match the parameter count.
+    pub fn restore(&mut self, t: u64, m: Vec<f32>, v: Vec<f32>) -> Result<(), String> {
+        if m.len() != self.m.len() || v.len() != self.v.len() {
+            return Err(format!("optimizer state has {} values, the model {}", m.len(), self.m.len()));
+        }
+        (self.t, self.m, self.v) = (t, m, v);
+        Ok(())
+    }
+
     /// One update `params -= lr · m̂ / (√v̂ + ε)` with bias-corrected moments (torch.optim.Adam).
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) {
         self.t += 1;

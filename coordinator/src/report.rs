@@ -82,11 +82,28 @@ pub struct MetricsCsv {
 pub const CSV_HEADER: &str = "kind,step,pre_adapt_loss,post_adapt_loss,post_adapt_loss_ci95,accuracy,accuracy_ci95,grad_norm,clipped,step_seconds,wall_seconds";
 
 impl MetricsCsv {
-    pub fn create(path: &Path) -> Result<Self> {
-        let mut out = BufWriter::new(File::create(path).with_context(|| format!("cannot create {}", path.display()))?);
-        writeln!(out, "{CSV_HEADER}")?;
-        out.flush()?;
-        Ok(MetricsCsv { out })
+    /// Opens `metrics.csv` for a run that has completed `step` meta-steps: a new file with a header at 0;
+    /// when resuming, the rows up to `step` are kept and later ones (written after the checkpoint by the
+    /// interrupted process) are dropped, so the file matches the resumed run.
+    pub fn open(path: &Path, step: u64) -> Result<Self> {
+        let mut kept = format!("{CSV_HEADER}\n");
+        if step > 0 {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                for line in text.lines().skip(1) {
+                    let row_step = line.split(',').nth(1).and_then(|s| s.parse::<u64>().ok());
+                    if row_step.is_some_and(|s| s <= step) {
+                        kept.push_str(line);
+                        kept.push('\n');
+                    }
+                }
+            }
+        }
+        write_atomic(path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(MetricsCsv { out: BufWriter::new(file) })
     }
 
     /// `kind` is `train` or `eval`; `step` counts meta-steps done.

@@ -18,7 +18,10 @@ use metatrain_common::tensor::encode_f32;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
+use metatrain_common::layout::params_sha256;
+
 use crate::aggregate::{BatchCollector, BatchSummary};
+use crate::checkpoint::{Checkpoint, Header, SamplerState};
 use crate::local::LocalWorkers;
 use crate::optim::Adam;
 use crate::scheduler::{Action, Scheduler, WorkerId};
@@ -66,6 +69,8 @@ pub struct Trainer {
     pub tasks_completed: u64,
     pub results_rejected: u64,
     pub max_workers: usize,
+    /// Reassignments counted before a resume.
+    reassigned_before: u64,
 }
 
 impl Trainer {
@@ -89,11 +94,50 @@ impl Trainer {
             tasks_completed: 0,
             results_rejected: 0,
             max_workers: 0,
+            reassigned_before: 0,
         }
     }
 
     pub fn tasks_reassigned(&self) -> u64 {
-        self.scheduler.stats.reassigned
+        self.scheduler.stats.reassigned + self.reassigned_before
+    }
+
+    /// Everything that determines the rest of the run after `step` completed meta-steps.
+    pub fn snapshot(&self, step: u64) -> Checkpoint {
+        let (adam_t, m, v) = self.adam.state();
+        Checkpoint {
+            header: Header {
+                format: 1,
+                config_toml: self.config.to_toml(),
+                step,
+                layout_fingerprint: self.layout.fingerprint(),
+                numel: self.layout.numel() as u64,
+                adam_t,
+                sampler: SamplerState::Keyed { seed: self.config.seed, next_step: step },
+                params_sha256: params_sha256(&self.params),
+                tasks_completed: self.tasks_completed,
+                tasks_reassigned: self.tasks_reassigned(),
+                results_rejected: self.results_rejected,
+                next_task: self.next_task,
+            },
+            params: self.params.clone(),
+            adam_m: m.to_vec(),
+            adam_v: v.to_vec(),
+        }
+    }
+
+    /// Continues from a checkpoint (already checked for compatibility with this run's config).
+    pub fn restore(&mut self, c: Checkpoint) -> Result<(), String> {
+        if c.header.layout_fingerprint != self.layout.fingerprint() || c.params.len() != self.layout.numel() {
+            return Err("the checkpoint's parameter layout differs from this config's model".into());
+        }
+        self.adam.restore(c.header.adam_t, c.adam_m, c.adam_v)?;
+        self.params = c.params;
+        self.tasks_completed = c.header.tasks_completed;
+        self.reassigned_before = c.header.tasks_reassigned;
+        self.results_rejected = c.header.results_rejected;
+        self.next_task = c.header.next_task;
+        Ok(())
     }
 
     /// One meta-step on parameter version `step`: returns the summary (mean gradient already applied).

@@ -14,6 +14,7 @@ use metatrain_common::layout::params_sha256;
 use metatrain_common::net::{install_prometheus, load_or_create_identity, serve_metrics, server_endpoint};
 use tokio::sync::{mpsc, watch};
 
+use crate::checkpoint::{self, Checkpoint};
 use crate::local::{find_worker_binary, LocalSpec, LocalWorkers};
 use crate::progress::Progress;
 use crate::report::{config_json, write_json_atomic, write_params, EvalReport, MetricsCsv, Report};
@@ -45,9 +46,10 @@ pub struct TrainArgs {
     /// Worker processes to start on this machine for the run (0: wait for external workers).
     #[arg(long, default_value_t = 2)]
     pub local_workers: usize,
-    /// libtorch threads per local worker (default: cores / local workers, at least 1).
-    #[arg(long)]
-    pub worker_threads: Option<usize>,
+    /// libtorch threads per task on local workers. Default 1: each local worker instead computes
+    /// cores / local-workers tasks at once, and results stay bitwise identical whatever the worker count.
+    #[arg(long, default_value_t = 1)]
+    pub worker_threads: usize,
     /// QUIC address to listen on. For a multi-machine cluster use e.g. 0.0.0.0:7070.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
@@ -64,6 +66,11 @@ pub struct TrainArgs {
     /// The metatrain-worker binary for local workers (default: beside this binary, then PATH).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
+    /// Continue the run in DIR from its newest checkpoint (DIR/checkpoints). The checkpoint's config is
+    /// used unless --config is given; --set/--steps may change only what does not alter the parameters'
+    /// trajectory (train.steps, eval.*, cluster.*, checkpoint.*).
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    pub resume: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -112,14 +119,51 @@ fn utc_stamp() -> String {
     format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// The config, output directory and (when resuming) the checkpoint to continue from.
+fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, Option<Checkpoint>)> {
+    let Some(dir) = &args.resume else {
+        let config = args.config()?;
+        let out = args.out_dir();
+        if out.join("report.json").exists() || checkpoint::dir_of(&out).is_dir() {
+            bail!(
+                "{} already holds a run; choose another --out, or continue it with --resume {}",
+                out.display(),
+                out.display()
+            );
+        }
+        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+        return Ok((config, out, None));
+    };
+    let (ckpt, path) = checkpoint::load_latest(dir).with_context(|| format!("cannot resume {}", dir.display()))?;
+    let saved = Config::from_toml(&ckpt.header.config_toml).context("the checkpoint's config is invalid")?;
+    let config = if args.config.is_some() {
+        args.config()?
+    } else {
+        let mut overrides = args.overrides.clone();
+        overrides.extend(args.steps.map(|s| format!("train.steps={s}")));
+        overrides.extend(args.seed.map(|s| format!("seed={s}")));
+        Config::from_toml_with_overrides(&ckpt.header.config_toml, &overrides)?
+    };
+    let conflicts = saved.resume_conflicts(&config);
+    if !conflicts.is_empty() {
+        bail!("cannot resume {} with a config that changes the run:\n  {}", dir.display(), conflicts.join("\n  "));
+    }
+    if ckpt.header.step >= config.train.steps {
+        bail!(
+            "{} already has {} of {} meta-steps; pass --steps N (N > {}) to extend it",
+            dir.display(),
+            ckpt.header.step,
+            config.train.steps,
+            ckpt.header.step
+        );
+    }
+    eprintln!("resuming {} from {} (step {})", dir.display(), path.display(), ckpt.header.step);
+    Ok((config, dir.clone(), Some(ckpt)))
+}
+
 /// Runs a whole training job; returns the output directory.
 pub async fn run(args: TrainArgs) -> Result<PathBuf> {
-    let config = args.config()?;
-    let out = args.out_dir();
-    if out.join("report.json").exists() {
-        bail!("{} already holds a finished run (report.json); choose another --out", out.display());
-    }
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let (config, out, resume) = prepare(&args)?;
     let started = Instant::now();
 
     // Metrics first, so that everything after is observable.
@@ -158,7 +202,8 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
     let local = if args.local_workers > 0 {
         let binary = find_worker_binary(args.worker_bin.as_deref())?;
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let threads = args.worker_threads.unwrap_or((cores / args.local_workers).max(1));
+        let threads = args.worker_threads.max(1);
+        let capacity = (cores / args.local_workers / threads).max(1);
         let connect: SocketAddr =
             if bound.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], bound.port())) } else { bound };
         let spec = LocalSpec {
@@ -167,32 +212,38 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
             coordinator: connect,
             fingerprint: &fingerprint,
             threads,
+            capacity,
             data_dir: args.data_dir.as_deref(),
         };
-        eprintln!("starting {} local worker(s) ({} thread(s) each)", args.local_workers, threads);
+        eprintln!(
+            "starting {} local worker(s) ({capacity} task(s) at once, {threads} thread(s) per task)",
+            args.local_workers
+        );
         Some(LocalWorkers::spawn(&spec)?)
     } else {
         None
     };
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: stopping after writing the report (press Ctrl-C again to abort)");
-            let _ = stop_tx.send(true);
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
-            }
-        }
-    });
-
+    let stop_rx = stop_on_signals()?;
     let mut trainer = Trainer::new(config.clone(), events_rx, local);
-    let outcome = train_loop(&mut trainer, &out, stop_rx).await;
+    let start_step = match resume {
+        Some(c) => {
+            let step = c.header.step;
+            trainer.restore(c).map_err(anyhow::Error::msg)?;
+            step
+        }
+        None => 0,
+    };
+    let outcome = train_loop(&mut trainer, &out, start_step, stop_rx).await;
     trainer.shutdown_workers(if outcome.is_ok() { "run finished" } else { "run stopped" }).await;
     endpoint.close(0u32.into(), b"run over");
     let (final_step, eval, interrupted) = match outcome {
         Ok((step, eval)) => (step, eval, false),
-        Err((step, RunError::Interrupted)) => (step, None, true),
+        Err((step, RunError::Interrupted)) => {
+            save_checkpoint(&trainer, &out, step)?;
+            eprintln!("checkpoint at step {step} written; continue with: metatrain train --resume {}", out.display());
+            (step, None, true)
+        }
         Err((_, e)) => return Err(anyhow::Error::new(e).context("training failed")),
     };
     write_params(&out.join("params.safetensors"), &trainer.layout, &trainer.params)?;
@@ -214,19 +265,51 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Meta-steps, periodic evaluations, final evaluation. On error, also says how many steps were done.
+/// SIGINT or SIGTERM: stop after handing back the step in flight, checkpoint, report, exit 0. A second
+/// signal aborts at once.
+fn stop_on_signals() -> Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        eprintln!("stopping: writing a checkpoint and the report (signal again to abort)");
+        let _ = stop_tx.send(true);
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        std::process::exit(130);
+    });
+    Ok(stop_rx)
+}
+
+fn save_checkpoint(trainer: &Trainer, out: &Path, step: u64) -> Result<(), RunError> {
+    let t = Instant::now();
+    checkpoint::save(out, &trainer.snapshot(step), trainer.config.checkpoint.keep)
+        .map_err(|e| RunError::Io(e.to_string()))?;
+    metrics::histogram!("metatrain_checkpoint_duration_seconds").record(t.elapsed().as_secs_f64());
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    metrics::gauge!("metatrain_checkpoint_timestamp_seconds").set(now);
+    metrics::gauge!("metatrain_checkpoint_step").set(step as f64);
+    Ok(())
+}
+
+/// Meta-steps from `start`, periodic evaluations, checkpoints, final evaluation. On error, also says how
+/// many meta-steps were completed.
 async fn train_loop(
     trainer: &mut Trainer,
     out: &Path,
+    start: u64,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(u64, Option<EvalReport>), (u64, RunError)> {
     let config = trainer.config.clone();
-    let mut csv = MetricsCsv::create(&out.join("metrics.csv")).map_err(|e| (0, RunError::Io(e.to_string())))?;
+    let mut csv =
+        MetricsCsv::open(&out.join("metrics.csv"), start).map_err(|e| (start, RunError::Io(e.to_string())))?;
     let steps = config.train.steps;
-    let mut progress = Progress::new(0, steps);
+    let mut progress = Progress::new(start, steps);
     let started = Instant::now();
     let mut last_eval = String::new();
-    for step in 0..steps {
+    for step in start..steps {
         let t = Instant::now();
         let specs = sampler::train_batch(config.seed, step, config.train.meta_batch);
         let s = trainer.train_step(step, specs, &mut stop).await.map_err(|e| (step, e))?;
@@ -254,8 +337,12 @@ async fn train_loop(
                 if last_eval.is_empty() { String::new() } else { format!(" | eval {last_eval}") }
             ),
         );
+        if config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0 {
+            save_checkpoint(trainer, out, step + 1).map_err(|e| (step + 1, e))?;
+        }
     }
     progress.finish();
+    save_checkpoint(trainer, out, steps).map_err(|e| (steps, e))?;
     if config.eval.final_tasks == 0 {
         return Ok((steps, None));
     }

@@ -1,0 +1,120 @@
+//! Checkpoints and exact resume: a coordinator killed with SIGKILL mid-run, resumed with `--resume`,
+//! ends with the same parameters as an uninterrupted run; SIGTERM checkpoints and exits 0; resuming
+//! with a config that changes the run is refused with the differing keys named.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use metatrain_tests::{binary, metrics_address, read_report, root, scrape, scratch, Proc};
+
+const STEPS: u32 = 60;
+
+fn train(args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("metatrain"));
+    cmd.arg("train").args(args);
+    cmd
+}
+
+fn fresh(out: &Path) -> Command {
+    let mut cmd = train(&["--config"]);
+    cmd.arg(root().join("configs/noisy-linear.toml"))
+        .args(["--steps", &STEPS.to_string(), "--seed", "5", "--set", "eval.every=0", "--set", "eval.final_tasks=0"])
+        .args(["--set", "checkpoint.every=10", "--local-workers", "2", "--metrics-addr", "127.0.0.1:0", "--out"])
+        .arg(out);
+    cmd
+}
+
+fn steps_done(metrics: &str) -> f64 {
+    scrape(metrics)
+        .lines()
+        .find_map(|l| l.strip_prefix("metatrain_meta_steps_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Starts a run and waits until it has done at least `n` meta-steps.
+fn start_until(out: &Path, n: f64) -> Proc {
+    let mut p = Proc::spawn(&mut fresh(out), "coordinator");
+    let m = p.wait_for(Duration::from_secs(30), metrics_address);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while steps_done(&m) < n {
+        assert!(Instant::now() < deadline, "run did not reach {n} steps");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+fn finish_ok(mut cmd: Command) -> Vec<String> {
+    let (status, lines) = Proc::spawn(&mut cmd, "metatrain").finish(Duration::from_secs(300));
+    assert!(status.success(), "{status}");
+    lines
+}
+
+#[test]
+fn sigkill_then_resume_equals_an_uninterrupted_run() {
+    let dir = scratch("resume");
+    finish_ok(fresh(&dir.join("whole")));
+    let whole = read_report(&dir.join("whole"));
+
+    let crashed = dir.join("crashed");
+    let p = start_until(&crashed, 25.0);
+    p.signal("KILL");
+    drop(p);
+    assert!(!crashed.join("report.json").exists());
+    let lines = finish_ok({
+        let mut c = train(&["--resume"]);
+        c.arg(&crashed);
+        c
+    });
+    assert!(
+        lines.iter().any(|l| l.contains("resuming") && l.contains("step 20")),
+        "resumed from the step-20 checkpoint"
+    );
+    let resumed = read_report(&crashed);
+    assert_eq!(resumed["final_step"], STEPS);
+    assert_eq!(resumed["params_sha256"], whole["params_sha256"], "resume continues exactly");
+    // metrics.csv has each step once.
+    let csv = std::fs::read_to_string(crashed.join("metrics.csv")).expect("csv");
+    let steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .filter(|l| l.starts_with("train,"))
+        .filter_map(|l| l.split(',').nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(steps, (1..=STEPS as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn sigterm_checkpoints_and_an_incompatible_resume_is_refused() {
+    let dir = scratch("sigterm");
+    let out = dir.join("run");
+    let p = start_until(&out, 5.0);
+    p.signal("TERM");
+    let (status, lines) = p.finish(Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM exits 0: {status}");
+    assert!(lines.iter().any(|l| l.contains("--resume")), "says how to continue");
+    let report = read_report(&out);
+    assert_eq!(report["interrupted"], true);
+    let stopped_at = report["final_step"].as_u64().expect("final_step");
+    assert!(stopped_at >= 5);
+
+    let o = train(&["--resume"])
+        .arg(&out)
+        .args(["--set", "train.meta_lr=0.5", "--set", "algo.inner_steps=2"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("train.meta_lr") && err.contains("algo.inner_steps"), "names what differs: {err}");
+    assert!(!err.contains("panicked"));
+
+    // Changing only what does not alter the trajectory is fine: the run continues from the checkpoint.
+    let lines = finish_ok({
+        let mut c = train(&["--resume"]);
+        c.arg(&out).args(["--set", "eval.final_tasks=10"]);
+        c
+    });
+    assert!(lines.iter().any(|l| l.contains(&format!("step {stopped_at}"))), "resumed where it stopped");
+    assert_eq!(read_report(&out)["final_step"], STEPS);
+}
