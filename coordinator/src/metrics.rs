@@ -40,6 +40,19 @@ pub fn describe() {
         "Tasks put back in the queue (worker lost, deadline missed, result refused)."
     );
     describe_counter!("metatrain_tasks_failed_total", "Tasks a worker reported it could not compute.");
+    describe_counter!(
+        "metatrain_tasks_duplicated_total",
+        "Duplicate copies of straggling tasks handed to idle workers."
+    );
+    describe_counter!(
+        "metatrain_workers_quarantined_total",
+        "Workers disconnected and quarantined after repeated malformed results."
+    );
+    describe_histogram!(
+        "metatrain_heartbeat_rtt_seconds",
+        Unit::Seconds,
+        "QUIC round-trip time to workers, sampled every 5 s per connection."
+    );
     describe_counter!("metatrain_sent_bytes_total", Unit::Bytes, "Parameter payload bytes sent to workers.");
     describe_counter!("metatrain_received_bytes_total", Unit::Bytes, "Result payload bytes received from workers.");
     describe_gauge!("metatrain_params_version", "Parameter version (meta-steps applied so far).");

@@ -6,7 +6,7 @@
 //! collect one validated result per task → reduce in index order, clip → Adam. Every `eval.every` steps
 //! (and at the end) the same machinery runs held-out tasks in eval mode.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,16 +20,21 @@ use tokio::sync::{mpsc, watch};
 
 use metatrain_common::layout::params_sha256;
 
-use crate::aggregate::{BatchCollector, BatchSummary};
+use crate::aggregate::{BatchCollector, BatchSummary, Rejection};
 use crate::checkpoint::{Checkpoint, Header, SamplerState};
 use crate::local::LocalWorkers;
 use crate::optim::Adam;
-use crate::scheduler::{Action, Scheduler, WorkerId};
-use crate::server::{Event, Outbound};
+use crate::scheduler::{Action, Scheduler, SchedulerStats, Verdict, WorkerId};
+use crate::server::{Event, Outbound, Quarantine};
 
-/// A task whose results are refused (or which fails on a worker) this many times aborts the run: the
-/// failure is deterministic (diverged training, missing data), and retrying forever would hang.
-const MAX_TASK_FAILURES: u32 = 3;
+/// A task whose results are refused (or which fails) on this many different workers (or on two, if the
+/// run has had only two) aborts the run: the failure is deterministic (diverged training, missing
+/// data), and retrying forever would hang.
+const MAX_TASK_FAILURES: usize = 3;
+/// Malformed results after which a worker is disconnected and quarantined.
+const QUARANTINE_STRIKES: u32 = 3;
+/// How long a quarantined worker's name is refused.
+const QUARANTINE: Duration = Duration::from_secs(60);
 /// How often deadlines and local workers are checked.
 const TICK: Duration = Duration::from_millis(500);
 /// Say so when a batch has waited this long without any worker.
@@ -39,10 +44,10 @@ const NO_WORKER_WARNING: Duration = Duration::from_secs(10);
 pub enum RunError {
     #[error("interrupted")]
     Interrupted,
-    #[error("task {id} (step {step}, index {index}) failed {MAX_TASK_FAILURES} times, last: {reason}")]
-    TaskKeepsFailing { id: TaskId, step: u64, index: u32, reason: String },
-    #[error("all {0} local workers exited and no other worker is connected; see their messages above")]
-    LocalWorkersGone(usize),
+    #[error("task {id} (step {step}, index {index}) failed on {workers} different workers, last: {reason} (diverged? lower train.meta_lr or algo.inner_lr)")]
+    TaskKeepsFailing { id: TaskId, step: u64, index: u32, workers: usize, reason: String },
+    #[error("all {0} local workers exited and no other worker is connected; see their messages above{1}")]
+    LocalWorkersGone(usize, String),
     #[error("the server stopped")]
     ServerGone,
     #[error("writing run output: {0}")]
@@ -52,6 +57,8 @@ pub enum RunError {
 struct WorkerEntry {
     name: String,
     outbox: mpsc::UnboundedSender<Outbound>,
+    /// Malformed results so far.
+    strikes: u32,
 }
 
 /// The state of a run that the loop mutates.
@@ -65,7 +72,11 @@ pub struct Trainer {
     events: mpsc::Receiver<Event>,
     local: Option<LocalWorkers>,
     next_task: TaskId,
-    failures: HashMap<TaskId, u32>,
+    failures: HashMap<TaskId, BTreeSet<WorkerId>>,
+    quarantine: Arc<Quarantine>,
+    last_rejection: Option<String>,
+    /// Scheduler counters already exported as metrics.
+    exported: SchedulerStats,
     pub tasks_completed: u64,
     pub results_rejected: u64,
     pub max_workers: usize,
@@ -74,7 +85,12 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    pub fn new(config: Config, events: mpsc::Receiver<Event>, local: Option<LocalWorkers>) -> Self {
+    pub fn new(
+        config: Config,
+        events: mpsc::Receiver<Event>,
+        local: Option<LocalWorkers>,
+        quarantine: Arc<Quarantine>,
+    ) -> Self {
         let spec = ModelSpec::from_config(&config);
         let layout = spec.layout();
         let params = spec.init_params(config.seed);
@@ -91,6 +107,9 @@ impl Trainer {
             local,
             next_task: 0,
             failures: HashMap::new(),
+            quarantine,
+            last_rejection: None,
+            exported: SchedulerStats::default(),
             tasks_completed: 0,
             results_rejected: 0,
             max_workers: 0,
@@ -206,17 +225,20 @@ impl Trainer {
                 ev = self.events.recv() => {
                     let ev = ev.ok_or(RunError::ServerGone)?;
                     let actions = self.handle(ev, version, mode, &by_id, &mut collector)?;
+                    self.export_scheduler_stats();
                     self.dispatch(actions, version, &payload);
                 }
                 _ = tick.tick() => {
-                    let before = self.scheduler.stats.reassigned;
                     let actions = self.scheduler.tick(Instant::now());
-                    metrics::counter!("metatrain_tasks_reassigned_total").increment(self.scheduler.stats.reassigned - before);
+                    self.export_scheduler_stats();
                     self.dispatch(actions, version, &payload);
                     if self.workers.is_empty() {
                         if let Some(local) = self.local.as_mut() {
                             if !local.is_empty() && local.alive() == 0 {
-                                return Err(RunError::LocalWorkersGone(local.count()));
+                                return Err(RunError::LocalWorkersGone(
+                                    local.count(),
+                                    self.last_rejection.clone().map(|r| format!(" (last refused result: {r})")).unwrap_or_default(),
+                                ));
                             }
                         }
                         if !warned && waiting_since.elapsed() > NO_WORKER_WARNING {
@@ -243,7 +265,7 @@ impl Trainer {
         match ev {
             Event::Joined { worker, name, capacity, outbox } => {
                 let limit = capacity as usize * self.config.cluster.tasks_in_flight;
-                self.workers.insert(worker, WorkerEntry { name, outbox });
+                self.workers.insert(worker, WorkerEntry { name, outbox, strikes: 0 });
                 self.max_workers = self.max_workers.max(self.workers.len());
                 metrics::gauge!("metatrain_workers_connected").set(self.workers.len() as f64);
                 metrics::counter!("metatrain_workers_joined_total").increment(1);
@@ -255,41 +277,40 @@ impl Trainer {
                     metrics::counter!("metatrain_workers_lost_total").increment(1);
                 }
                 metrics::gauge!("metatrain_workers_connected").set(self.workers.len() as f64);
-                let before = self.scheduler.stats.reassigned;
-                let actions = self.scheduler.worker_left(worker, now);
-                metrics::counter!("metatrain_tasks_reassigned_total")
-                    .increment(self.scheduler.stats.reassigned - before);
-                Ok(actions)
+                Ok(self.scheduler.worker_left(worker, now))
             }
             Event::TaskFailed { worker, id, version: v, reason } => {
                 metrics::counter!("metatrain_tasks_failed_total").increment(1);
                 if v != version || !by_id.contains_key(&id) {
                     return Ok(Vec::new());
                 }
-                self.count_failure(id, by_id, reason)?;
+                tracing::warn!("worker {worker} could not compute task {id}: {reason}");
+                self.count_failure(worker, id, by_id, reason)?;
                 Ok(self.scheduler.retry(worker, id, now))
             }
             Event::Result { worker, result, outcome } => {
                 let outcome = match outcome {
                     // A result in another mode than its task was assigned in (e.g. a gradient for an
-                    // evaluation task): refused like any malformed result.
-                    Ok(_) if result.mode != mode && result.version == version => {
-                        self.reject("wrong_mode");
-                        return Ok(self.scheduler.retry(worker, result.id, now));
-                    }
+                    // evaluation task) is as malformed as a NaN.
+                    Ok(_) if result.mode != mode && result.version == version => Err(Rejection::WrongMode),
+                    other => other,
+                };
+                let outcome = match outcome {
                     Ok(o) => o,
                     Err(rejection) => {
                         self.reject(rejection.reason());
+                        self.last_rejection = Some(rejection.to_string());
                         tracing::warn!("worker {worker}: refused result for task {}: {rejection}", result.id);
                         if result.version == version && by_id.contains_key(&result.id) {
-                            self.count_failure(result.id, by_id, rejection.to_string())?;
+                            self.count_failure(worker, result.id, by_id, rejection.to_string())?;
                         }
+                        self.strike(worker, &rejection.to_string());
                         return Ok(self.scheduler.retry(worker, result.id, now));
                     }
                 };
                 let (verdict, actions) = self.scheduler.result(worker, result.id, result.version, now);
                 match verdict {
-                    crate::scheduler::Verdict::Accepted { index } => {
+                    Verdict::Accepted { index } => {
                         let label = if mode == Mode::Train { "train" } else { "eval" };
                         metrics::counter!("metatrain_tasks_completed_total", "mode" => label).increment(1);
                         metrics::histogram!("metatrain_task_duration_seconds", "mode" => label)
@@ -297,9 +318,13 @@ impl Trainer {
                         self.tasks_completed += 1;
                         collector.insert(index, outcome);
                     }
-                    crate::scheduler::Verdict::Duplicate => self.reject("duplicate"),
-                    crate::scheduler::Verdict::Stale => self.reject("stale_version"),
-                    crate::scheduler::Verdict::Unknown => self.reject("unknown_task"),
+                    // Benign: a slower copy of a task already done, or a result from before this batch.
+                    Verdict::Duplicate => self.reject("duplicate"),
+                    Verdict::Stale => self.reject("stale_version"),
+                    Verdict::Unknown => {
+                        self.reject("unknown_task");
+                        self.strike(worker, "a result for a task it was never given");
+                    }
                 }
                 Ok(actions)
             }
@@ -311,14 +336,52 @@ impl Trainer {
         metrics::counter!("metatrain_results_rejected_total", "reason" => reason).increment(1);
     }
 
-    fn count_failure(&mut self, id: TaskId, by_id: &HashMap<TaskId, TaskSpec>, reason: String) -> Result<(), RunError> {
-        let n = self.failures.entry(id).or_insert(0);
-        *n += 1;
-        if *n >= MAX_TASK_FAILURES {
+    /// A malformed result from `worker`. After [`QUARANTINE_STRIKES`] it is disconnected and its name
+    /// refused for [`QUARANTINE`]; its tasks are reassigned.
+    fn strike(&mut self, worker: WorkerId, why: &str) {
+        let Some(w) = self.workers.get_mut(&worker) else { return };
+        w.strikes += 1;
+        // Exactly once: results already in flight from it still arrive (and are refused) afterwards.
+        if w.strikes != QUARANTINE_STRIKES {
+            return;
+        }
+        let reason =
+            format!("quarantined for {}s after {} malformed results (last: {why})", QUARANTINE.as_secs(), w.strikes);
+        tracing::warn!("worker {worker} ({}) {reason}", w.name);
+        self.quarantine.add(&w.name, QUARANTINE);
+        metrics::counter!("metatrain_workers_quarantined_total").increment(1);
+        let _ = w.outbox.send(Outbound::Disconnect(reason));
+    }
+
+    /// Records that `worker` could not produce a usable result for `id`. A task that fails on several
+    /// different workers fails deterministically (diverged training, missing data): the run stops with
+    /// the reason rather than retrying forever.
+    fn count_failure(
+        &mut self,
+        worker: WorkerId,
+        id: TaskId,
+        by_id: &HashMap<TaskId, TaskSpec>,
+        reason: String,
+    ) -> Result<(), RunError> {
+        let failed_on = self.failures.entry(id).or_default();
+        failed_on.insert(worker);
+        // Two distinct workers suffice when the run has only had two; a lone worker is never enough to
+        // call a failure deterministic (it is quarantined instead, see `strike`).
+        let limit = self.max_workers.clamp(2, MAX_TASK_FAILURES);
+        if failed_on.len() >= limit {
             let spec = by_id[&id];
-            return Err(RunError::TaskKeepsFailing { id, step: spec.step, index: spec.index, reason });
+            let workers = failed_on.len();
+            return Err(RunError::TaskKeepsFailing { id, step: spec.step, index: spec.index, workers, reason });
         }
         Ok(())
+    }
+
+    /// Exports the scheduler's counters as they grew since the last call.
+    fn export_scheduler_stats(&mut self) {
+        let now = self.scheduler.stats;
+        metrics::counter!("metatrain_tasks_reassigned_total").increment(now.reassigned - self.exported.reassigned);
+        metrics::counter!("metatrain_tasks_duplicated_total").increment(now.duplicated - self.exported.duplicated);
+        self.exported = now;
     }
 
     fn dispatch(&mut self, actions: Vec<Action>, version: u64, payload: &Arc<Vec<u8>>) {

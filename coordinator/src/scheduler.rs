@@ -3,9 +3,15 @@
 //! The coordinator starts a *batch* (a meta-step's tasks, or an evaluation's) for one parameter version;
 //! the scheduler answers with [`Action`]s: send parameters to a worker (once per worker per version),
 //! assign tasks to it (up to its in-flight limit, lowest task index first). Workers join and leave at any
-//! time; a leaving worker's tasks go back to the queue, and so do tasks whose deadline passes. A result is
-//! accepted once per task, from whichever worker returns it first, and only for the current batch's
-//! version; everything else gets a [`Verdict`] saying why it was dropped.
+//! time; a leaving worker's tasks go back to the queue, and so do tasks whose deadline passes. When the
+//! queue is empty and a batch waits only on slow tasks, a worker with a free slot gets a *duplicate* of
+//! the oldest straggler (at most [`MAX_COPIES`] copies run at once). A result is accepted once per task,
+//! from whichever worker returns it first, and only for the current batch's version; everything else gets
+//! a [`Verdict`] saying why it was dropped.
+//!
+//! A worker's in-flight slots are truthful: a slot stays taken until that worker returns the task (or
+//! leaves), even if the task was meanwhile reassigned or finished elsewhere. So a stalled worker is not
+//! handed more work, and a task never goes back to the worker it expired on while that worker holds it.
 //!
 //! Nothing here reads a clock or a socket, so tests drive it by hand (see the tests below).
 
@@ -15,6 +21,15 @@ use std::time::{Duration, Instant};
 use metatrain_common::protocol::{Assignment, TaskId};
 
 pub type WorkerId = u64;
+
+/// Most workers computing the same task at once (the original plus one duplicate).
+pub const MAX_COPIES: usize = 2;
+/// A running task counts as a straggler once it is older than this many times the typical task latency.
+const STRAGGLER_FACTOR: f64 = 3.0;
+/// ... and at least this old (so that microsecond tasks are not duplicated on noise).
+const STRAGGLER_MIN: Duration = Duration::from_millis(200);
+/// Weight of the newest sample in the latency moving average.
+const LATENCY_EWMA: f64 = 0.1;
 
 /// What the caller must do, in order.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,7 +50,7 @@ pub enum Action {
 pub enum Verdict {
     /// First result for this task in the current batch; `index` is its position in the batch.
     Accepted { index: usize },
-    /// A result for a task that already has one (a late original after a reassignment).
+    /// A result for a task that already has one (a late original after a reassignment or a duplicate).
     Duplicate,
     /// A result computed on another parameter version than the current batch's.
     Stale,
@@ -52,8 +67,13 @@ struct Worker {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum TaskState {
+    /// In the queue (possibly still held by a worker it expired on).
     Pending,
-    Running { worker: WorkerId, deadline: Instant },
+    /// Assigned; reassigned if no result comes by `deadline`.
+    Running {
+        started: Instant,
+        deadline: Instant,
+    },
     Done,
 }
 
@@ -62,13 +82,20 @@ struct Task {
     index: usize,
     assignment: Assignment,
     state: TaskState,
+    /// Workers currently computing it (their slots are taken).
+    holders: BTreeSet<WorkerId>,
+    /// When it was first assigned in this batch (for latency).
+    first_assigned: Option<Instant>,
 }
 
 /// Counters the caller exports as metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SchedulerStats {
-    /// Tasks put back in the queue because their worker left or their deadline passed.
+    /// Tasks put back in the queue because their worker left, their deadline passed, or their result
+    /// was refused.
     pub reassigned: u64,
+    /// Duplicate copies of stragglers handed to idle workers.
+    pub duplicated: u64,
 }
 
 #[derive(Debug)]
@@ -80,6 +107,8 @@ pub struct Scheduler {
     /// Pending tasks by batch index (so requeued tasks run before later ones).
     queue: BTreeMap<usize, TaskId>,
     remaining: usize,
+    /// Moving average of assignment-to-result latency, seconds.
+    latency: Option<f64>,
     pub stats: SchedulerStats,
 }
 
@@ -93,6 +122,7 @@ impl Scheduler {
             tasks: BTreeMap::new(),
             queue: BTreeMap::new(),
             remaining: 0,
+            latency: None,
             stats: SchedulerStats::default(),
         }
     }
@@ -103,11 +133,11 @@ impl Scheduler {
         self.fill(now)
     }
 
-    /// A worker left (closed, crashed, timed out): its tasks go back to the queue.
+    /// A worker left (closed, crashed, timed out): tasks only it was computing go back to the queue.
     pub fn worker_left(&mut self, worker: WorkerId, now: Instant) -> Vec<Action> {
         if let Some(w) = self.workers.remove(&worker) {
             for id in w.in_flight {
-                self.requeue(id, false);
+                self.release(worker, id);
             }
         }
         self.fill(now)
@@ -127,7 +157,9 @@ impl Scheduler {
         // (their stale results free the slots), so it is not handed more than it can take.
         for (index, assignment) in assignments.into_iter().enumerate() {
             self.queue.insert(index, assignment.id);
-            self.tasks.insert(assignment.id, Task { index, assignment, state: TaskState::Pending });
+            let task =
+                Task { index, assignment, state: TaskState::Pending, holders: BTreeSet::new(), first_assigned: None };
+            self.tasks.insert(task.assignment.id, task);
         }
         self.fill(now)
     }
@@ -143,39 +175,43 @@ impl Scheduler {
             w.in_flight.remove(&task);
         }
         let verdict = match self.tasks.get_mut(&task) {
-            None if version != self.version => Verdict::Stale,
+            _ if version != self.version => Verdict::Stale,
             None => Verdict::Unknown,
-            Some(_) if version != self.version => Verdict::Stale,
-            Some(t) if t.state == TaskState::Done => Verdict::Duplicate,
             Some(t) => {
-                if let TaskState::Running { worker: holder, .. } = t.state {
-                    if let Some(w) = self.workers.get_mut(&holder) {
-                        w.in_flight.remove(&task);
+                t.holders.remove(&worker);
+                if t.state == TaskState::Done {
+                    Verdict::Duplicate
+                } else {
+                    if t.state == TaskState::Pending {
+                        self.queue.remove(&t.index);
                     }
+                    t.state = TaskState::Done;
+                    self.remaining -= 1;
+                    if let Some(at) = t.first_assigned {
+                        let sample = now.saturating_duration_since(at).as_secs_f64();
+                        self.latency = Some(match self.latency {
+                            Some(l) => l + LATENCY_EWMA * (sample - l),
+                            None => sample,
+                        });
+                    }
+                    Verdict::Accepted { index: t.index }
                 }
-                if t.state == TaskState::Pending {
-                    self.queue.remove(&t.index);
-                }
-                t.state = TaskState::Done;
-                self.remaining -= 1;
-                Verdict::Accepted { index: t.index }
             }
         };
         (verdict, self.fill(now))
     }
 
-    /// A task could not be used (failed on the worker, or its result was invalid): run it again.
+    /// `worker`'s copy of `task` cannot be used (it failed there, or its result was refused): the worker's
+    /// slot is freed and, unless another worker still computes it, the task is queued again.
     pub fn retry(&mut self, worker: WorkerId, task: TaskId, now: Instant) -> Vec<Action> {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.in_flight.remove(&task);
         }
-        if matches!(self.tasks.get(&task).map(|t| t.state), Some(TaskState::Running { .. })) {
-            self.requeue(task, true);
-        }
+        self.release(worker, task);
         self.fill(now)
     }
 
-    /// Reassigns tasks whose deadline has passed.
+    /// Reassigns tasks whose deadline has passed, then duplicates stragglers onto idle workers.
     pub fn tick(&mut self, now: Instant) -> Vec<Action> {
         let expired: Vec<TaskId> = self
             .tasks
@@ -184,22 +220,31 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            // The slow worker keeps the slot: it is presumably still computing (or stopped), and
-            // should not be handed the task back or given more work until it answers.
-            self.requeue(id, false);
+            // The slow worker keeps its slot and stays a holder: it may still answer first.
+            self.requeue(id);
         }
-        self.fill(now)
+        let mut actions = self.fill(now);
+        actions.extend(self.duplicate_stragglers(now));
+        actions
     }
 
-    /// Puts a running task back in the queue; `release` frees its worker's slot.
-    fn requeue(&mut self, id: TaskId, release: bool) {
+    /// `worker` no longer computes `id`: drop it from the holders; requeue if nobody else does.
+    fn release(&mut self, worker: WorkerId, id: TaskId) {
+        let requeue = match self.tasks.get_mut(&id) {
+            Some(t) => {
+                t.holders.remove(&worker);
+                matches!(t.state, TaskState::Running { .. }) && t.holders.is_empty()
+            }
+            None => false,
+        };
+        if requeue {
+            self.requeue(id);
+        }
+    }
+
+    fn requeue(&mut self, id: TaskId) {
         if let Some(t) = self.tasks.get_mut(&id) {
-            if let TaskState::Running { worker, .. } = t.state {
-                if release {
-                    if let Some(w) = self.workers.get_mut(&worker) {
-                        w.in_flight.remove(&id);
-                    }
-                }
+            if matches!(t.state, TaskState::Running { .. }) {
                 t.state = TaskState::Pending;
                 self.queue.insert(t.index, id);
                 self.stats.reassigned += 1;
@@ -207,29 +252,76 @@ impl Scheduler {
         }
     }
 
-    /// Hands pending tasks to workers with room, lowest worker id first, lowest task index first.
+    /// Hands pending tasks to workers with room, lowest worker id first, lowest task index first; a worker
+    /// never gets a task it is still holding.
     fn fill(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         for (&wid, w) in self.workers.iter_mut() {
             let mut batch = Vec::new();
+            let mut skipped = Vec::new();
             while w.in_flight.len() < w.limit {
-                let Some((_, id)) = self.queue.pop_first() else { break };
+                let Some((index, id)) = self.queue.pop_first() else { break };
                 let Some(t) = self.tasks.get_mut(&id) else { continue };
-                t.state = TaskState::Running { worker: wid, deadline: now + self.timeout };
+                if t.holders.contains(&wid) {
+                    skipped.push((index, id));
+                    continue;
+                }
+                t.state = TaskState::Running { started: now, deadline: now + self.timeout };
+                t.first_assigned.get_or_insert(now);
+                t.holders.insert(wid);
                 w.in_flight.insert(id);
                 batch.push(t.assignment.clone());
             }
-            if batch.is_empty() {
-                continue;
-            }
-            if w.version != Some(self.version) {
-                w.version = Some(self.version);
-                actions.push(Action::SendParams { worker: wid, version: self.version });
-            }
-            actions.push(Action::Assign { worker: wid, tasks: batch });
+            self.queue.extend(skipped);
+            push_assign(&mut actions, wid, w, self.version, batch);
         }
         actions
     }
+
+    /// With the queue empty, gives each worker with a free slot a copy of the oldest straggler it does not
+    /// already hold.
+    fn duplicate_stragglers(&mut self, now: Instant) -> Vec<Action> {
+        let Some(latency) = self.latency else { return Vec::new() };
+        if !self.queue.is_empty() {
+            return Vec::new();
+        }
+        let threshold = Duration::from_secs_f64(STRAGGLER_FACTOR * latency).max(STRAGGLER_MIN);
+        let mut actions = Vec::new();
+        for (&wid, w) in self.workers.iter_mut() {
+            if w.in_flight.len() >= w.limit {
+                continue;
+            }
+            let straggler = self
+                .tasks
+                .iter_mut()
+                .filter(|(_, t)| t.holders.len() < MAX_COPIES && !t.holders.contains(&wid))
+                .filter_map(|(id, t)| match t.state {
+                    TaskState::Running { started, .. } if now.saturating_duration_since(started) >= threshold => {
+                        Some((started, *id, t))
+                    }
+                    _ => None,
+                })
+                .min_by_key(|(started, id, _)| (*started, *id));
+            let Some((_, id, t)) = straggler else { continue };
+            t.holders.insert(wid);
+            w.in_flight.insert(id);
+            self.stats.duplicated += 1;
+            push_assign(&mut actions, wid, w, self.version, vec![t.assignment.clone()]);
+        }
+        actions
+    }
+}
+
+/// Appends `SendParams` (if the worker lacks `version`) and `Assign` for a non-empty batch.
+fn push_assign(actions: &mut Vec<Action>, wid: WorkerId, w: &mut Worker, version: u64, batch: Vec<Assignment>) {
+    if batch.is_empty() {
+        return;
+    }
+    if w.version != Some(version) {
+        w.version = Some(version);
+        actions.push(Action::SendParams { worker: wid, version });
+    }
+    actions.push(Action::Assign { worker: wid, tasks: batch });
 }
 
 #[cfg(test)]
@@ -387,6 +479,52 @@ mod tests {
         s.start_batch(0, batch(0, 1, 0), t0);
         let a = s.retry(1, 0, t0);
         assert_eq!(assigned(&a, 1), vec![0]);
+        assert_eq!(s.stats.reassigned, 1);
+    }
+
+    #[test]
+    fn idle_workers_duplicate_stragglers_and_the_first_result_wins() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(Duration::from_secs(60));
+        s.worker_joined(1, 1, t0);
+        s.worker_joined(2, 1, t0);
+        s.start_batch(0, batch(0, 3, 0), t0);
+        // Worker 2 returns quickly (latency 100 ms) and takes task 2; worker 1 is slow on task 0.
+        let (_, a) = s.result(2, 1, 0, t0 + ms(100));
+        assert_eq!(assigned(&a, 2), vec![2]);
+        let (_, a) = s.result(2, 2, 0, t0 + ms(200));
+        assert!(a.is_empty());
+        // Not a straggler yet (age 250 ms < max(3 × 100 ms, 200 ms)).
+        assert!(s.tick(t0 + ms(250)).is_empty());
+        let a = s.tick(t0 + ms(400));
+        assert_eq!(assigned(&a, 2), vec![0], "idle worker 2 duplicates the straggler");
+        assert_eq!(s.stats.duplicated, 1);
+        assert!(s.tick(t0 + ms(900)).is_empty(), "at most one duplicate, and worker 2 is busy");
+        assert_eq!(s.result(2, 0, 0, t0 + ms(500)).0, Verdict::Accepted { index: 0 });
+        assert_eq!(s.result(1, 0, 0, t0 + ms(5000)).0, Verdict::Duplicate);
+        assert!(s.batch_done());
+        assert_eq!(s.stats.reassigned, 0);
+    }
+
+    #[test]
+    fn a_failed_copy_is_requeued_only_when_no_other_copy_runs() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(Duration::from_secs(60));
+        s.worker_joined(1, 1, t0);
+        s.worker_joined(2, 1, t0);
+        s.start_batch(0, batch(0, 2, 0), t0);
+        s.result(2, 1, 0, t0 + ms(100));
+        let a = s.tick(t0 + ms(1000));
+        assert_eq!(assigned(&a, 2), vec![0]);
+        // Worker 2's copy is refused: worker 1 still computes task 0, so nothing is queued.
+        let a = s.retry(2, 0, t0 + ms(1100));
+        assert!(a.is_empty());
+        assert_eq!(s.stats.reassigned, 0);
+        // Then worker 1 leaves: now the task is queued and goes to worker 2.
+        let a = s.worker_left(1, t0 + ms(1200));
+        assert_eq!(assigned(&a, 2), vec![0]);
         assert_eq!(s.stats.reassigned, 1);
     }
 

@@ -20,7 +20,7 @@ use crate::progress::Progress;
 use crate::report::{config_json, write_json_atomic, write_params, EvalReport, MetricsCsv, Report};
 use crate::run::{RunError, Trainer};
 use crate::sampler;
-use crate::server::{self, ServerContext};
+use crate::server::{self, Quarantine, ServerContext};
 
 /// Events buffered between the connections and the training loop (back-pressure beyond this).
 const EVENT_QUEUE: usize = 4096;
@@ -185,12 +185,14 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
     let bound = endpoint.local_addr()?;
     let spec = metatrain_common::layout::ModelSpec::from_config(&config);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let quarantine = Arc::new(Quarantine::default());
     let ctx = Arc::new(ServerContext {
         events: events_tx,
         config_toml: config.to_toml(),
         layout_fingerprint: spec.layout().fingerprint(),
         numel: spec.layout().numel(),
         next_worker: AtomicU64::new(1),
+        quarantine: quarantine.clone(),
     });
     tokio::spawn(server::serve(endpoint.clone(), ctx));
     eprintln!("coordinator listening on {bound} (QUIC), certificate fingerprint {fingerprint}");
@@ -225,7 +227,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
     };
 
     let stop_rx = stop_on_signals()?;
-    let mut trainer = Trainer::new(config.clone(), events_rx, local);
+    let mut trainer = Trainer::new(config.clone(), events_rx, local, quarantine);
     let start_step = match resume {
         Some(c) => {
             let step = c.header.step;

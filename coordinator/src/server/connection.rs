@@ -17,6 +17,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// 400 MB gradient at 100 MB/s takes 4 s).
 const RESULT_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How often each connection's QUIC round-trip time (kept fresh by keep-alives) is recorded.
+const RTT_SAMPLE: Duration = Duration::from_secs(5);
+
 /// QUIC application close codes.
 const CLOSE_DONE: u32 = 0;
 const CLOSE_PROTOCOL_ERROR: u32 = 1;
@@ -85,6 +88,17 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
         hello.capacity
     );
 
+    let rtt_conn = conn.clone();
+    let rtt = tokio::spawn(async move {
+        let mut every = tokio::time::interval(RTT_SAMPLE);
+        loop {
+            every.tick().await;
+            if rtt_conn.close_reason().is_some() {
+                return;
+            }
+            metrics::histogram!("metatrain_heartbeat_rtt_seconds").record(rtt_conn.rtt().as_secs_f64());
+        }
+    });
     let writer_conn = conn.clone();
     let writer = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
@@ -95,6 +109,10 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
                     write_frame(&mut send, &m, payload).await
                 }
                 Outbound::Assign(tasks) => write_frame(&mut send, &Message::Assign { tasks: tasks.clone() }, &[]).await,
+                Outbound::Disconnect(reason) => {
+                    writer_conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+                    return Ok(());
+                }
                 Outbound::Shutdown(reason) => {
                     let r = write_frame(&mut send, &Message::Shutdown { reason: reason.clone() }, &[]).await;
                     let _ = send.finish();
@@ -111,6 +129,7 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
 
     let reason = read_results(&conn, &ctx, worker).await;
     writer.abort();
+    rtt.abort();
     match &reason {
         Ok(why) => tracing::info!("worker {worker} left: {why}"),
         Err(e) => {

@@ -57,6 +57,31 @@ pub enum Outbound {
     },
     Assign(Vec<Assignment>),
     Shutdown(String),
+    /// Close this worker's connection with the reason (e.g. quarantine).
+    Disconnect(String),
+}
+
+/// Worker names refused until a deadline (workers that kept sending malformed results). Names are
+/// authenticated only as far as the transport authenticates workers.
+#[derive(Default)]
+pub struct Quarantine {
+    until: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+impl Quarantine {
+    pub fn add(&self, name: &str, for_: std::time::Duration) {
+        if let Ok(mut m) = self.until.lock() {
+            m.insert(name.to_string(), std::time::Instant::now() + for_);
+        }
+    }
+
+    /// Seconds left for `name`, if it is quarantined now.
+    pub fn remaining(&self, name: &str) -> Option<u64> {
+        let mut m = self.until.lock().ok()?;
+        let now = std::time::Instant::now();
+        m.retain(|_, t| *t > now);
+        m.get(name).map(|t| t.saturating_duration_since(now).as_secs().max(1))
+    }
 }
 
 /// Fixed facts every connection needs.
@@ -68,4 +93,5 @@ pub struct ServerContext {
     /// Scalars in the parameter layout (bounds result payloads).
     pub numel: usize,
     pub next_worker: AtomicU64,
+    pub quarantine: Arc<Quarantine>,
 }

@@ -23,6 +23,12 @@ pub fn handle(ctx: &ServerContext, hello: &Hello) -> Result<Welcome, String> {
     if hello.worker_name.chars().any(|c| c.is_control()) {
         return Err("worker name contains control characters".into());
     }
+    if let Some(secs) = ctx.quarantine.remaining(&hello.worker_name) {
+        return Err(format!(
+            "worker {:?} is quarantined for {secs} more seconds after repeated malformed results",
+            hello.worker_name
+        ));
+    }
     Ok(Welcome {
         protocol_version: PROTOCOL_VERSION,
         worker_id: ctx.next_worker.fetch_add(1, Ordering::Relaxed),

@@ -1,0 +1,140 @@
+//! A deliberately faulty worker — it speaks the protocol but answers every task with a NaN gradient or
+//! a wrongly shaped one — next to an honest worker: its results are refused and counted by reason, it is
+//! disconnected and quarantined after repeated strikes, and the run still ends with exactly the
+//! parameters of a clean run.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use metatrain_common::net::{client_endpoint, install_crypto_provider, read_frame, server_name, write_frame};
+use metatrain_common::protocol::{Hello, Limits, Message, TaskResult, PROTOCOL_VERSION};
+use metatrain_common::tensor::{encode_f32, Dtype};
+use metatrain_tests::{binary, coordinator_address, metrics_address, read_report, root, scrape, scratch, Proc};
+
+const STEPS: &str = "20";
+
+fn coordinator(out: &std::path::Path, local: &str) -> Command {
+    let mut cmd = Command::new(binary("metatrain"));
+    cmd.arg("train")
+        .arg("--config")
+        .arg(root().join("configs/noisy-linear.toml"))
+        .args(["--steps", STEPS, "--seed", "3", "--set", "eval.every=0", "--set", "eval.final_tasks=0"])
+        .args(["--local-workers", local, "--metrics-addr", "127.0.0.1:0", "--out"])
+        .arg(out);
+    cmd
+}
+
+/// Plays a worker that corrupts every result; returns the reason its connection was closed.
+async fn faulty_worker(addr: SocketAddr, fingerprint: &str) -> String {
+    let endpoint = client_endpoint(fingerprint).expect("endpoint");
+    let conn = endpoint.connect(addr, server_name()).expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
+    let hello =
+        Hello { protocol_version: PROTOCOL_VERSION, worker_name: "faulty".into(), capacity: 4, device: "cpu".into() };
+    write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+    let limits = Limits::with_payload(1 << 24);
+    let mut numel = 0usize;
+    let mut sent = 0u32;
+    loop {
+        let frame = match read_frame(&mut recv, &limits).await {
+            Ok(Some(f)) => f,
+            _ => break,
+        };
+        match frame.message {
+            Message::Params { len, .. } => numel = len as usize,
+            Message::Assign { tasks } => {
+                for a in tasks {
+                    // Alternate: NaN in the gradient, then a gradient one element short.
+                    let mut grad = vec![0.01f32; numel];
+                    if sent % 2 == 0 {
+                        grad[numel / 2] = f32::NAN;
+                    } else {
+                        grad.pop();
+                    }
+                    sent += 1;
+                    let result = TaskResult {
+                        id: a.id,
+                        version: a.version,
+                        mode: a.mode,
+                        pre_loss: 1.0,
+                        post_loss: 0.5,
+                        pre_accuracy: None,
+                        post_accuracy: None,
+                        compute_seconds: 0.001,
+                        grad_dtype: Dtype::F32,
+                        grad_len: grad.len() as u64,
+                    };
+                    let Ok(mut s) = conn.open_uni().await else { break };
+                    let _ = write_frame(&mut s, &Message::Result(result), &encode_f32(&grad)).await;
+                    let _ = s.finish();
+                }
+            }
+            _ => {}
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.map(|e| e.to_string()).unwrap_or_default()
+}
+
+fn counter(text: &str, needle: &str) -> f64 {
+    text.lines().find(|l| l.starts_with(needle)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
+#[test]
+fn a_faulty_worker_is_refused_counted_quarantined_and_changes_nothing() {
+    install_crypto_provider();
+    let dir = scratch("hostile-worker");
+    let (status, _) = Proc::spawn(&mut coordinator(&dir.join("clean"), "1"), "clean").finish(Duration::from_secs(300));
+    assert!(status.success());
+    let clean = read_report(&dir.join("clean"));
+
+    let mut coord = Proc::spawn(&mut coordinator(&dir.join("attacked"), "0"), "coordinator");
+    let metrics = coord.wait_for(Duration::from_secs(30), metrics_address);
+    let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // The faulty worker joins first, so it is sent tasks before the honest one exists.
+    let closed = rt.block_on(faulty_worker(addr.parse().expect("addr"), &fp));
+    assert!(closed.contains("quarantined"), "closed with the reason: {closed}");
+    let text = scrape(&metrics);
+    let nan = counter(&text, "metatrain_results_rejected_total{reason=\"non_finite_gradient\"}");
+    let shape = counter(&text, "metatrain_results_rejected_total{reason=\"wrong_shape\"}");
+    let quarantined = counter(&text, "metatrain_workers_quarantined_total");
+    println!("rejected: non_finite_gradient {nan}, wrong_shape {shape}; quarantined {quarantined}");
+    assert!(nan >= 1.0 && shape >= 1.0 && quarantined == 1.0, "{text}");
+
+    // Back during its quarantine: refused at the handshake.
+    let again = rt.block_on(async {
+        let endpoint = client_endpoint(&fp).expect("endpoint");
+        let conn = endpoint.connect(addr.parse().expect("addr"), server_name()).expect("connect").await.expect("tls");
+        let (mut send, mut recv) = conn.open_bi().await.expect("bi");
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            worker_name: "faulty".into(),
+            capacity: 1,
+            device: "cpu".into(),
+        };
+        write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+        read_frame(&mut recv, &Limits::CONTROL).await.ok().flatten().map(|f| f.message)
+    });
+    assert!(matches!(&again, Some(Message::Refused { reason }) if reason.contains("quarantined")), "{again:?}");
+
+    let honest = Proc::spawn(
+        Command::new(binary("metatrain-worker")).args([
+            "run",
+            "--coordinator",
+            &addr,
+            "--fingerprint",
+            &fp,
+            "--metrics-addr",
+            "none",
+        ]),
+        "honest",
+    );
+    let (status, _) = coord.finish(Duration::from_secs(300));
+    assert!(status.success());
+    drop(honest);
+    let attacked = read_report(&dir.join("attacked"));
+    assert_eq!(attacked["final_step"].as_u64(), Some(20));
+    assert_eq!(attacked["params_sha256"], clean["params_sha256"], "bad results never touched the parameters");
+    assert!(attacked["results_rejected"].as_u64().unwrap_or(0) >= 3);
+}
