@@ -7,11 +7,13 @@
 //! - [`checkpoint`]: atomic save/resume of everything that determines the rest of the run.
 //! - [`server`]: the QUIC endpoint, one handler per message kind.
 //! - [`run`]: the training loop that feeds server events and ticks to the cores above.
+//! - [`certs`]: `metatrain certs init|issue`, the cluster CA and certificates.
 //! - [`train`]: `metatrain train` (set-up, loop, output); [`report`], [`progress`], [`local`], [`metrics`].
 //!
 //! Flow: `sampler` → `scheduler` → `server` (Params/Assign out, Result in) → `aggregate` → `optim`.
 
 pub mod aggregate;
+pub mod certs;
 pub mod checkpoint;
 pub mod local;
 pub mod metrics;

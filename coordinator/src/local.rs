@@ -47,6 +47,8 @@ pub struct LocalSpec<'a> {
     pub count: usize,
     pub coordinator: SocketAddr,
     pub fingerprint: &'a str,
+    /// The cluster TLS directory: each local worker gets a certificate `local-<i>` issued from its CA.
+    pub tls_dir: &'a Path,
     /// libtorch threads per compute thread.
     pub threads: usize,
     /// Tasks each worker computes at once (one compute thread each).
@@ -58,6 +60,8 @@ impl LocalWorkers {
     pub fn spawn(spec: &LocalSpec<'_>) -> Result<Self> {
         let mut children = Vec::new();
         for i in 0..spec.count {
+            let name = format!("local-{i}");
+            let (cert, key) = metatrain_common::net::pki::issue(spec.tls_dir, &name).map_err(anyhow::Error::msg)?;
             let mut cmd = Command::new(spec.binary);
             cmd.arg("run")
                 .arg("--coordinator")
@@ -65,7 +69,11 @@ impl LocalWorkers {
                 .arg("--fingerprint")
                 .arg(spec.fingerprint)
                 .arg("--name")
-                .arg(format!("local-{i}"))
+                .arg(&name)
+                .arg("--cert")
+                .arg(cert)
+                .arg("--key")
+                .arg(key)
                 .arg("--threads")
                 .arg(spec.threads.to_string())
                 .arg("--capacity")

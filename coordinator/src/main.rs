@@ -1,6 +1,7 @@
 //! `metatrain`: the user's entry point. Parses the command line and calls the sub-command's `run`.
 
 use clap::{Parser, Subcommand};
+use metatrain_coordinator::certs::{self, CertsCommand};
 use metatrain_coordinator::train::{self, TrainArgs};
 
 #[derive(Parser)]
@@ -21,6 +22,9 @@ struct Cli {
 enum Command {
     /// Meta-train a model (with local workers by default, or workers that join over the network).
     Train(TrainArgs),
+    /// Make the cluster's CA and certificates for mutual TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         Command::Train(args) => {
             rt.block_on(train::run(args))?;
         }
+        Command::Certs(cmd) => certs::run(cmd)?,
     }
     Ok(())
 }

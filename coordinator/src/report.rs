@@ -58,6 +58,8 @@ pub struct Report {
     pub wall_seconds: f64,
     pub tasks_completed: u64,
     pub tasks_reassigned: u64,
+    /// Duplicate copies of straggling tasks launched (this process only; not carried across a resume).
+    pub tasks_duplicated: u64,
     pub results_rejected: u64,
     pub max_workers: usize,
 }

@@ -121,6 +121,10 @@ impl Trainer {
         self.scheduler.stats.reassigned + self.reassigned_before
     }
 
+    pub fn tasks_duplicated(&self) -> u64 {
+        self.scheduler.stats.duplicated
+    }
+
     /// Everything that determines the rest of the run after `step` completed meta-steps.
     pub fn snapshot(&self, step: u64) -> Checkpoint {
         let (adam_t, m, v) = self.adam.state();

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use metatrain_common::config::Config;
 use metatrain_common::layout::params_sha256;
-use metatrain_common::net::{install_prometheus, load_or_create_identity, serve_metrics, server_endpoint};
+use metatrain_common::net::{install_prometheus, load_or_init_coordinator, serve_metrics, server_endpoint};
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{self, Checkpoint};
@@ -56,10 +56,15 @@ pub struct TrainArgs {
     /// Where to serve Prometheus /metrics (`none` to disable; port 0 picks a free port, printed).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub metrics_addr: String,
-    /// Directory with the coordinator's certificate and key (created if missing). Reuse it across runs to
-    /// keep the fingerprint workers pin. Default: <out>/tls.
+    /// The cluster's TLS directory (`metatrain certs init`): CA, coordinator certificate and worker
+    /// certificates. Created with a fresh CA if it holds none. Reuse it across runs so that issued worker
+    /// certificates and the pinned fingerprint stay valid. Default: <out>/tls.
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
+    /// DANGER: accept workers without a client certificate signed by the cluster CA. Anyone who can reach
+    /// the port can then join and send results (which are still validated). For trusted networks only.
+    #[arg(long)]
+    pub insecure_no_worker_auth: bool,
     /// Data directory for Omniglot (passed to local workers).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -179,9 +184,16 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
     }
 
     let tls_dir = args.tls_dir.clone().unwrap_or_else(|| out.join("tls"));
-    let identity = load_or_create_identity(&tls_dir).map_err(anyhow::Error::msg)?;
-    let fingerprint = identity.fingerprint();
-    let endpoint = server_endpoint(args.listen, &identity).map_err(anyhow::Error::msg)?;
+    let tls = load_or_init_coordinator(&tls_dir).map_err(anyhow::Error::msg)?;
+    let fingerprint = tls.identity.fingerprint();
+    let mutual = !args.insecure_no_worker_auth;
+    if !mutual {
+        tracing::warn!(
+            "--insecure-no-worker-auth: workers are NOT authenticated; anyone who reaches {} can join",
+            args.listen
+        );
+    }
+    let endpoint = server_endpoint(args.listen, &tls, mutual).map_err(anyhow::Error::msg)?;
     let bound = endpoint.local_addr()?;
     let spec = metatrain_common::layout::ModelSpec::from_config(&config);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -196,10 +208,19 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
     });
     tokio::spawn(server::serve(endpoint.clone(), ctx));
     eprintln!("coordinator listening on {bound} (QUIC), certificate fingerprint {fingerprint}");
-    eprintln!(
-        "  join with: metatrain-worker run --coordinator {} --fingerprint {fingerprint}",
-        if bound.ip().is_unspecified() { format!("<this-host>:{}", bound.port()) } else { bound.to_string() }
-    );
+    let host = if bound.ip().is_unspecified() { format!("<this-host>:{}", bound.port()) } else { bound.to_string() };
+    if mutual {
+        eprintln!(
+            "  workers need a certificate from this cluster's CA: metatrain certs issue NAME --dir {}",
+            tls_dir.display()
+        );
+        eprintln!(
+            "  join with: metatrain-worker run --coordinator {host} --fingerprint {fingerprint} --cert {0}/workers/NAME.crt --key {0}/workers/NAME.key",
+            tls_dir.display()
+        );
+    } else {
+        eprintln!("  join with: metatrain-worker run --coordinator {host} --fingerprint {fingerprint}");
+    }
 
     let local = if args.local_workers > 0 {
         let binary = find_worker_binary(args.worker_bin.as_deref())?;
@@ -213,6 +234,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
             count: args.local_workers,
             coordinator: connect,
             fingerprint: &fingerprint,
+            tls_dir: &tls_dir,
             threads,
             capacity,
             data_dir: args.data_dir.as_deref(),
@@ -258,6 +280,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
         wall_seconds: started.elapsed().as_secs_f64(),
         tasks_completed: trainer.tasks_completed,
         tasks_reassigned: trainer.tasks_reassigned(),
+        tasks_duplicated: trainer.tasks_duplicated(),
         results_rejected: trainer.results_rejected,
         max_workers: trainer.max_workers,
     };

@@ -135,7 +135,7 @@ fn frames_and_message_handling_never_panic() {
         decoded += 1;
         match frame.message.clone() {
             Message::Hello(h) => {
-                let _ = handlers::hello::handle(&ctx, &h);
+                let _ = handlers::hello::handle(&ctx, &h, &h.worker_name);
             }
             Message::Result(r) => {
                 if let Ok(o) = validate(&r, &frame.payload, NUMEL) {

@@ -160,3 +160,37 @@ pub fn read_report(out: &Path) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{}/report.json: {e}", out.display()));
     serde_json::from_str(&text).expect("report.json is JSON")
 }
+
+/// Issues a worker certificate `name` from the CA in `tls_dir` (the run's `<out>/tls`) and returns the
+/// worker options that present it: `--cert FILE --key FILE`.
+pub fn worker_cert_args(tls_dir: &Path, name: &str) -> Vec<String> {
+    let out = Command::new(binary("metatrain"))
+        .args(["certs", "issue", name, "--dir"])
+        .arg(tls_dir)
+        .output()
+        .expect("run metatrain certs issue");
+    assert!(out.status.success(), "certs issue failed: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = tls_dir.join("workers");
+    vec![
+        "--cert".into(),
+        dir.join(format!("{name}.crt")).display().to_string(),
+        "--key".into(),
+        dir.join(format!("{name}.key")).display().to_string(),
+    ]
+}
+
+/// A `metatrain-worker run` joining `addr` (pinning `fp`) with a certificate issued as `name`.
+pub fn worker(addr: &str, fp: &str, tls_dir: &Path, name: &str) -> Command {
+    let mut cmd = Command::new(binary("metatrain-worker"));
+    cmd.args(["run", "--coordinator", addr, "--fingerprint", fp, "--name", name]);
+    cmd.args(worker_cert_args(tls_dir, name));
+    cmd
+}
+
+/// A worker identity (for tests that speak the protocol by hand), issued as `name` from `tls_dir`'s CA.
+pub fn issued_identity(tls_dir: &Path, name: &str) -> metatrain_common::net::Identity {
+    worker_cert_args(tls_dir, name);
+    let dir = tls_dir.join("workers");
+    metatrain_common::net::Identity::load(&dir.join(format!("{name}.crt")), &dir.join(format!("{name}.key")))
+        .expect("load issued identity")
+}

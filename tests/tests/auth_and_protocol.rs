@@ -6,11 +6,19 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use metatrain_common::net::{client_endpoint, install_crypto_provider, read_frame, server_name, write_frame};
+use metatrain_common::net::{
+    client_endpoint, install_crypto_provider, read_frame, server_name, write_frame, ServerTrust,
+};
 use metatrain_common::protocol::{Hello, Limits, Message, FRAME_MAGIC};
-use metatrain_tests::{binary, coordinator_address, read_report, root, scratch, Proc};
+use metatrain_tests::{
+    binary, coordinator_address, issued_identity, read_report, root, scratch, worker, worker_cert_args, Proc,
+};
 
 fn start_coordinator(dir: &std::path::Path, steps: u32) -> (Proc, String, String) {
+    start_coordinator_with(dir, steps, &[])
+}
+
+fn start_coordinator_with(dir: &std::path::Path, steps: u32, extra: &[&str]) -> (Proc, String, String) {
     let mut coord = Proc::spawn(
         Command::new(binary("metatrain"))
             .arg("train")
@@ -26,6 +34,7 @@ fn start_coordinator(dir: &std::path::Path, steps: u32) -> (Proc, String, String
                 "--local-workers",
                 "0",
             ])
+            .args(extra)
             .arg("--out")
             .arg(dir.join("run")),
         "coordinator",
@@ -65,8 +74,9 @@ fn hostile_peers_are_disconnected_and_the_run_completes() {
     let (coord, addr, fp) = start_coordinator(&dir, 30);
     let sock: SocketAddr = addr.parse().expect("addr");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let identity = issued_identity(&dir.join("run/tls"), "prober");
     rt.block_on(async {
-        let endpoint = client_endpoint(&fp).expect("endpoint");
+        let endpoint = client_endpoint(&ServerTrust::Fingerprint(fp.clone()), Some(&identity)).expect("endpoint");
 
         // 1. Another protocol version: refused, both versions named.
         let conn = endpoint.connect(sock, server_name()).expect("connect").await.expect("handshake");
@@ -99,22 +109,54 @@ fn hostile_peers_are_disconnected_and_the_run_completes() {
     });
 
     // A good worker still completes the run.
-    let (wstatus, _) = Proc::spawn(
-        Command::new(binary("metatrain-worker")).args([
-            "run",
-            "--coordinator",
-            &addr,
-            "--fingerprint",
-            &fp,
-            "--metrics-addr",
-            "none",
-        ]),
-        "worker",
-    )
-    .finish(Duration::from_secs(120));
+    let (wstatus, _) =
+        Proc::spawn(&mut worker(&addr, &fp, &dir.join("run/tls"), "good"), "worker").finish(Duration::from_secs(120));
     assert!(wstatus.success());
     let (status, _) = coord.finish(Duration::from_secs(60));
     assert!(status.success());
     let report = read_report(&dir.join("run"));
     assert_eq!(report["final_step"], 30);
+}
+
+/// Tries to join with `args` (besides address and fingerprint) and reports (success, stderr).
+fn try_join(addr: &str, fp: &str, args: &[String]) -> (bool, String) {
+    let out = Command::new(binary("metatrain-worker"))
+        .args(["run", "--coordinator", addr, "--fingerprint", fp, "--connect-timeout", "0", "--metrics-addr", "none"])
+        .args(args)
+        .output()
+        .expect("run worker");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn mutual_tls_refuses_workers_without_a_certificate_from_the_cluster_ca() {
+    let dir = scratch("mtls");
+    let (coord, addr, fp) = start_coordinator(&dir, 5);
+    // No client certificate: the handshake fails.
+    let (ok, err) = try_join(&addr, &fp, &[]);
+    assert!(!ok, "a worker without a certificate joined: {err}");
+    assert!(err.to_lowercase().contains("certificate"), "says why: {err}");
+    // A certificate from another cluster's CA: refused too.
+    let other = dir.join("other-ca");
+    let init = Command::new(binary("metatrain")).args(["certs", "init", "--dir"]).arg(&other).output().expect("init");
+    assert!(init.status.success());
+    let (ok, err) = try_join(&addr, &fp, &worker_cert_args(&other, "intruder"));
+    assert!(!ok, "a worker with a foreign certificate joined: {err}");
+    // A certificate from this cluster's CA: joins, and the run completes.
+    let (ok, err) = try_join(&addr, &fp, &worker_cert_args(&dir.join("run/tls"), "member"));
+    assert!(ok, "{err}");
+    let (status, lines) = coord.finish(Duration::from_secs(60));
+    assert!(status.success());
+    assert!(lines.iter().any(|l| l.contains("(member,")), "the certificate name is the worker's name in logs");
+}
+
+#[test]
+fn insecure_mode_must_be_asked_for_by_name_and_says_so() {
+    let dir = scratch("insecure");
+    let (coord, addr, fp) = start_coordinator_with(&dir, 5, &["--insecure-no-worker-auth"]);
+    let (ok, err) = try_join(&addr, &fp, &[]);
+    assert!(ok, "{err}");
+    let (status, lines) = coord.finish(Duration::from_secs(60));
+    assert!(status.success());
+    assert!(lines.iter().any(|l| l.contains("NOT authenticated")), "a loud warning");
 }

@@ -7,10 +7,14 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use metatrain_common::net::{client_endpoint, install_crypto_provider, read_frame, server_name, write_frame};
+use metatrain_common::net::{
+    client_endpoint, install_crypto_provider, read_frame, server_name, write_frame, Identity, ServerTrust,
+};
 use metatrain_common::protocol::{Hello, Limits, Message, TaskResult, PROTOCOL_VERSION};
 use metatrain_common::tensor::{encode_f32, Dtype};
-use metatrain_tests::{binary, coordinator_address, metrics_address, read_report, root, scrape, scratch, Proc};
+use metatrain_tests::{
+    binary, coordinator_address, issued_identity, metrics_address, read_report, root, scrape, scratch, worker, Proc,
+};
 
 const STEPS: &str = "20";
 
@@ -26,8 +30,8 @@ fn coordinator(out: &std::path::Path, local: &str) -> Command {
 }
 
 /// Plays a worker that corrupts every result; returns the reason its connection was closed.
-async fn faulty_worker(addr: SocketAddr, fingerprint: &str) -> String {
-    let endpoint = client_endpoint(fingerprint).expect("endpoint");
+async fn faulty_worker(addr: SocketAddr, fingerprint: &str, identity: &Identity) -> String {
+    let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.into()), Some(identity)).expect("endpoint");
     let conn = endpoint.connect(addr, server_name()).expect("connect").await.expect("handshake");
     let (mut send, mut recv) = conn.open_bi().await.expect("bi");
     let hello =
@@ -93,7 +97,8 @@ fn a_faulty_worker_is_refused_counted_quarantined_and_changes_nothing() {
     let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     // The faulty worker joins first, so it is sent tasks before the honest one exists.
-    let closed = rt.block_on(faulty_worker(addr.parse().expect("addr"), &fp));
+    let identity = issued_identity(&dir.join("attacked/tls"), "faulty");
+    let closed = rt.block_on(faulty_worker(addr.parse().expect("addr"), &fp, &identity));
     assert!(closed.contains("quarantined"), "closed with the reason: {closed}");
     let text = scrape(&metrics);
     let nan = counter(&text, "metatrain_results_rejected_total{reason=\"non_finite_gradient\"}");
@@ -104,7 +109,7 @@ fn a_faulty_worker_is_refused_counted_quarantined_and_changes_nothing() {
 
     // Back during its quarantine: refused at the handshake.
     let again = rt.block_on(async {
-        let endpoint = client_endpoint(&fp).expect("endpoint");
+        let endpoint = client_endpoint(&ServerTrust::Fingerprint(fp.clone()), Some(&identity)).expect("endpoint");
         let conn = endpoint.connect(addr.parse().expect("addr"), server_name()).expect("connect").await.expect("tls");
         let (mut send, mut recv) = conn.open_bi().await.expect("bi");
         let hello = Hello {
@@ -118,18 +123,7 @@ fn a_faulty_worker_is_refused_counted_quarantined_and_changes_nothing() {
     });
     assert!(matches!(&again, Some(Message::Refused { reason }) if reason.contains("quarantined")), "{again:?}");
 
-    let honest = Proc::spawn(
-        Command::new(binary("metatrain-worker")).args([
-            "run",
-            "--coordinator",
-            &addr,
-            "--fingerprint",
-            &fp,
-            "--metrics-addr",
-            "none",
-        ]),
-        "honest",
-    );
+    let honest = Proc::spawn(&mut worker(&addr, &fp, &dir.join("attacked/tls"), "honest"), "honest");
     let (status, _) = coord.finish(Duration::from_secs(300));
     assert!(status.success());
     drop(honest);

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use metatrain_tests::{binary, coordinator_address, metrics_address, read_report, root, scrape, scratch, Proc};
+use metatrain_tests::{binary, coordinator_address, metrics_address, read_report, root, scrape, scratch, worker, Proc};
 
 const COORDINATOR_METRICS: &[&str] = &[
     "metatrain_meta_steps_total",
@@ -61,18 +61,7 @@ fn coordinator_and_worker_metrics_pass_promtool() {
     );
     let coord_metrics = coord.wait_for(Duration::from_secs(30), metrics_address);
     let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
-    let mut worker = Proc::spawn(
-        Command::new(binary("metatrain-worker")).args([
-            "run",
-            "--coordinator",
-            &addr,
-            "--fingerprint",
-            &fp,
-            "--name",
-            "probe",
-        ]),
-        "worker",
-    );
+    let mut worker = Proc::spawn(&mut worker(&addr, &fp, &dir.join("run/tls"), "probe"), "worker");
     let worker_metrics = worker.wait_for(Duration::from_secs(30), metrics_address);
 
     // Poll until an evaluation has happened (every metric then has a value).

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use metatrain_common::config::Config;
 use metatrain_common::layout::ModelSpec;
-use metatrain_common::net::{client_endpoint, read_frame, server_name, write_frame};
+use metatrain_common::net::{client_endpoint, read_frame, server_name, write_frame, Identity, ServerTrust};
 use metatrain_common::protocol::{Hello, Limits, Message, Mode, PROTOCOL_VERSION};
 use metatrain_common::tensor::{decode_f32, encode_f32};
 use tch::Device;
@@ -24,7 +24,10 @@ const KEPT_VERSIONS: usize = 3;
 
 pub struct ClientOptions {
     pub coordinator: SocketAddr,
-    pub fingerprint: String,
+    /// How to verify the coordinator.
+    pub trust: ServerTrust,
+    /// This worker's certificate, for mutual TLS.
+    pub identity: Option<Identity>,
     pub name: String,
     pub capacity: usize,
     /// libtorch intra-op threads per compute thread.
@@ -43,7 +46,7 @@ pub enum SessionEnd {
 
 /// Connects (retrying until `connect_timeout`) and serves until the coordinator shuts the run down.
 pub async fn run(opts: ClientOptions) -> Result<SessionEnd> {
-    let endpoint = client_endpoint(&opts.fingerprint).map_err(|e| anyhow!(e))?;
+    let endpoint = client_endpoint(&opts.trust, opts.identity.as_ref()).map_err(|e| anyhow!(e))?;
     let deadline = Instant::now() + opts.connect_timeout;
     let connection = loop {
         let attempt = async { endpoint.connect(opts.coordinator, server_name())?.await.map_err(anyhow::Error::from) };

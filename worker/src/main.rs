@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use metatrain_common::net::{Identity, ServerTrust};
 use tch::Device;
 
 #[derive(Parser)]
@@ -54,9 +55,19 @@ struct RunArgs {
     #[arg(long, env = "METATRAIN_COORDINATOR")]
     coordinator: String,
     /// SHA-256 fingerprint (hex) of the coordinator's certificate, printed by `metatrain train`; the worker
-    /// accepts no other certificate.
+    /// accepts no other certificate. Either this or --ca is required.
     #[arg(long, env = "METATRAIN_FINGERPRINT")]
-    fingerprint: String,
+    fingerprint: Option<String>,
+    /// Verify the coordinator against this cluster CA certificate (ca.crt from `metatrain certs init`).
+    #[arg(long, env = "METATRAIN_CA")]
+    ca: Option<PathBuf>,
+    /// This worker's certificate (from `metatrain certs issue NAME`); required unless the coordinator runs
+    /// with --insecure-no-worker-auth.
+    #[arg(long, env = "METATRAIN_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The key of --cert.
+    #[arg(long, env = "METATRAIN_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     /// Name in the coordinator's logs (default: hostname-pid).
     #[arg(long)]
     name: Option<String>,
@@ -125,6 +136,16 @@ fn run(args: RunArgs) -> Result<()> {
     }
     tch::set_num_threads(args.threads as i32);
     let coordinator: SocketAddr = resolve(&args.coordinator)?;
+    let trust = match (&args.fingerprint, &args.ca) {
+        (Some(fp), None) => ServerTrust::Fingerprint(fp.clone()),
+        (None, Some(ca)) => ServerTrust::Ca(ca.clone()),
+        (Some(_), Some(_)) => bail!("pass either --fingerprint or --ca, not both"),
+        (None, None) => bail!("pass --fingerprint (printed by the coordinator) or --ca (the cluster's ca.crt) so the worker can verify the coordinator"),
+    };
+    let identity = match (&args.cert, &args.key) {
+        (Some(c), Some(k)) => Some(Identity::load(c, k).map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
     let name = args.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(async move {
@@ -140,7 +161,8 @@ fn run(args: RunArgs) -> Result<()> {
         }
         let opts = client::ClientOptions {
             coordinator,
-            fingerprint: args.fingerprint,
+            trust,
+            identity,
             name,
             capacity: args.capacity,
             threads: args.threads,

@@ -1,9 +1,10 @@
-//! TLS for QUIC: the coordinator's identity (a self-signed certificate, kept in a directory so that its
-//! fingerprint survives restarts) and the worker's verifier, which accepts exactly the certificate whose
-//! SHA-256 fingerprint it was given (certificate pinning).
+//! TLS for QUIC. The coordinator presents `coordinator.crt` from its TLS directory (see [`super::pki`])
+//! and, by default, accepts only clients whose certificate the directory's CA signed (mutual TLS).
+//! Workers verify the coordinator either against that CA (`--ca`) or by pinning its certificate's SHA-256
+//! fingerprint (`--fingerprint`), and present their own certificate (`--cert`, `--key`).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,13 +14,14 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
+
+use super::pki::{self, COORDINATOR_NAME};
 
 /// ALPN protocol id; a peer speaking another protocol fails the handshake.
 pub const ALPN: &[u8] = b"metatrain/1";
-/// The name in the coordinator's certificate (workers pin the fingerprint, so the name is not checked).
-const SERVER_NAME: &str = "metatrain-coordinator";
 /// Flow-control windows. Gradients and parameters are the largest messages (4 bytes per parameter);
 /// 64 MiB per stream lets a 16M-parameter model move in one window while bounding what a peer can make
 /// us buffer; the connection window allows a few such streams at once.
@@ -36,7 +38,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The coordinator's certificate and key.
+/// A certificate chain and its key.
 pub struct Identity {
     pub cert: CertificateDer<'static>,
     pub key: PrivateKeyDer<'static>,
@@ -46,6 +48,14 @@ impl Identity {
     pub fn fingerprint(&self) -> String {
         sha256_fingerprint(&self.cert)
     }
+
+    /// Loads PEM files.
+    pub fn load(cert: &Path, key: &Path) -> Result<Identity, String> {
+        Ok(Identity {
+            cert: CertificateDer::from_pem_file(cert).map_err(|e| format!("{}: {e}", cert.display()))?,
+            key: PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?,
+        })
+    }
 }
 
 /// Hex SHA-256 of a certificate's DER bytes.
@@ -53,31 +63,24 @@ pub fn sha256_fingerprint(cert: &CertificateDer<'_>) -> String {
     hex::encode(Sha256::digest(cert.as_ref()))
 }
 
-/// Loads `dir/coordinator.crt` and `dir/coordinator.key` (PEM), or creates them.
-pub fn load_or_create_identity(dir: &Path) -> Result<Identity, String> {
-    let crt = dir.join("coordinator.crt");
-    let key = dir.join("coordinator.key");
-    if crt.exists() && key.exists() {
-        let cert = CertificateDer::from_pem_file(&crt).map_err(|e| format!("{}: {e}", crt.display()))?;
-        let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| format!("{}: {e}", key.display()))?;
-        return Ok(Identity { cert, key });
-    }
-    let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()]).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    std::fs::write(&crt, ck.cert.pem()).map_err(|e| format!("{}: {e}", crt.display()))?;
-    write_private(&key, ck.key_pair.serialize_pem().as_bytes()).map_err(|e| format!("{}: {e}", key.display()))?;
-    Ok(Identity { cert: ck.cert.der().clone(), key: PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()) })
+/// The coordinator's side of a TLS directory: its identity and the CA that signs workers.
+pub struct CoordinatorTls {
+    pub identity: Identity,
+    pub ca: CertificateDer<'static>,
+    pub dir: PathBuf,
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    opts.open(path)?.write_all(bytes)
+/// Loads `dir`'s CA and coordinator certificate, creating them (`pki::init`) when `dir` has no CA.
+pub fn load_or_init_coordinator(dir: &Path) -> Result<CoordinatorTls, String> {
+    if !dir.join("ca.crt").exists() {
+        pki::init(dir, &[])?;
+    }
+    let ca = dir.join("ca.crt");
+    Ok(CoordinatorTls {
+        identity: Identity::load(&dir.join("coordinator.crt"), &dir.join("coordinator.key"))?,
+        ca: CertificateDer::from_pem_file(&ca).map_err(|e| format!("{}: {e}", ca.display()))?,
+        dir: dir.to_path_buf(),
+    })
 }
 
 fn transport() -> Arc<TransportConfig> {
@@ -92,47 +95,82 @@ fn transport() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
-/// A QUIC endpoint listening on `addr` with the coordinator's identity.
-pub fn server_endpoint(addr: SocketAddr, identity: &Identity) -> Result<Endpoint, String> {
-    let mut tls = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+/// A QUIC endpoint on `addr`. With `require_client_certs`, only clients with a certificate signed by
+/// `tls.ca` complete the handshake.
+pub fn server_endpoint(addr: SocketAddr, tls: &CoordinatorTls, require_client_certs: bool) -> Result<Endpoint, String> {
+    let builder = rustls::ServerConfig::builder();
+    let builder = if require_client_certs {
+        let mut roots = RootCertStore::empty();
+        roots.add(tls.ca.clone()).map_err(|e| format!("CA certificate: {e}"))?;
+        let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build().map_err(|e| e.to_string())?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut server = builder
+        .with_single_cert(vec![tls.identity.cert.clone()], tls.identity.key.clone_key())
         .map_err(|e| e.to_string())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(server).map_err(|e| e.to_string())?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport());
     Endpoint::server(cfg, addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
-/// A QUIC client endpoint that trusts exactly the certificate with SHA-256 `fingerprint` (hex).
-pub fn client_endpoint(fingerprint: &str) -> Result<Endpoint, String> {
-    let pinned = hex::decode(fingerprint.trim().replace(':', ""))
-        .ok()
-        .filter(|b| b.len() == 32)
-        .ok_or_else(|| format!("fingerprint must be 64 hex digits (SHA-256), got {fingerprint:?}"))?;
-    let provider =
-        CryptoProvider::get_default().cloned().unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
-    let verifier = PinnedCert { sha256: pinned, provider };
-    let mut tls = rustls::ClientConfig::builder()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+/// How a worker decides to trust the coordinator.
+pub enum ServerTrust {
+    /// Exactly the certificate with this SHA-256 fingerprint (hex).
+    Fingerprint(String),
+    /// Any certificate for `metatrain-coordinator` signed by this CA (PEM file).
+    Ca(PathBuf),
+}
+
+/// A QUIC client endpoint that trusts the coordinator as `trust` says and presents `identity`.
+pub fn client_endpoint(trust: &ServerTrust, identity: Option<&Identity>) -> Result<Endpoint, String> {
+    let builder = match trust {
+        ServerTrust::Fingerprint(fp) => {
+            let pinned = hex::decode(fp.trim().replace(':', ""))
+                .ok()
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| format!("fingerprint must be 64 hex digits (SHA-256), got {fp:?}"))?;
+            let provider = CryptoProvider::get_default()
+                .cloned()
+                .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+            rustls::ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCert { sha256: pinned, provider }))
+        }
+        ServerTrust::Ca(path) => {
+            let ca = CertificateDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut roots = RootCertStore::empty();
+            roots.add(ca).map_err(|e| format!("{}: {e}", path.display()))?;
+            rustls::ClientConfig::builder().with_root_certificates(roots)
+        }
+    };
+    let mut tls = match identity {
+        Some(id) => {
+            builder.with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key()).map_err(|e| e.to_string())?
+        }
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport());
-    let bind: SocketAddr = "[::]:0".parse().map_err(|e| format!("{e}"))?;
-    let mut endpoint = Endpoint::client(bind)
-        .or_else(|_| Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))
-        .map_err(|e| e.to_string())?;
+    let mut endpoint = Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(|e| e.to_string())?;
     endpoint.set_default_client_config(cfg);
     Ok(endpoint)
 }
 
 /// The server name to use in `Endpoint::connect`.
 pub fn server_name() -> &'static str {
-    SERVER_NAME
+    COORDINATOR_NAME
+}
+
+/// The authenticated name of a connected worker: its certificate's common name, if it presented one.
+pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().and_then(pki::common_name)
 }
 
 #[derive(Debug)]

@@ -60,10 +60,12 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
             return;
         }
     };
-    let welcome = match handlers::hello::handle(&ctx, &hello) {
+    // The authenticated name (certificate common name) wins over the name the worker claims.
+    let name = metatrain_common::net::peer_name(&conn).unwrap_or_else(|| hello.worker_name.clone());
+    let welcome = match handlers::hello::handle(&ctx, &hello, &name) {
         Ok(w) => w,
         Err(reason) => {
-            tracing::warn!("refused worker {:?} at {remote}: {reason}", hello.worker_name);
+            tracing::warn!("refused worker {name:?} at {remote}: {reason}");
             let _ = write_frame(&mut send, &Message::Refused { reason: reason.clone() }, &[]).await;
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
@@ -77,16 +79,11 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
         return;
     }
     let (outbox, mut rx) = mpsc::unbounded_channel::<Outbound>();
-    let joined = Event::Joined { worker, name: hello.worker_name.clone(), capacity: hello.capacity, outbox };
+    let joined = Event::Joined { worker, name: name.clone(), capacity: hello.capacity, outbox };
     if ctx.events.send(joined).await.is_err() {
         return;
     }
-    tracing::info!(
-        "worker {worker} ({}, {}, capacity {}) joined from {remote}",
-        hello.worker_name,
-        hello.device,
-        hello.capacity
-    );
+    tracing::info!("worker {worker} ({}, {}, capacity {}) joined from {remote}", name, hello.device, hello.capacity);
 
     let rtt_conn = conn.clone();
     let rtt = tokio::spawn(async move {

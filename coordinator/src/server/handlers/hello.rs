@@ -9,8 +9,9 @@ use crate::server::ServerContext;
 /// Most tasks a worker may claim to run at once (bounds its share of in-flight tasks).
 const MAX_CAPACITY: u32 = 256;
 
-/// `Ok(Welcome)` or the reason for refusal (sent to the worker, so it names both sides' values).
-pub fn handle(ctx: &ServerContext, hello: &Hello) -> Result<Welcome, String> {
+/// `Ok(Welcome)` or the reason for refusal (sent to the worker, so it names both sides' values). `name`
+/// is the worker's authenticated name (its certificate's), or its claimed one without authentication.
+pub fn handle(ctx: &ServerContext, hello: &Hello, name: &str) -> Result<Welcome, String> {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version mismatch: worker speaks v{}, coordinator speaks v{PROTOCOL_VERSION}; run the same metatrain release on both",
@@ -23,11 +24,8 @@ pub fn handle(ctx: &ServerContext, hello: &Hello) -> Result<Welcome, String> {
     if hello.worker_name.chars().any(|c| c.is_control()) {
         return Err("worker name contains control characters".into());
     }
-    if let Some(secs) = ctx.quarantine.remaining(&hello.worker_name) {
-        return Err(format!(
-            "worker {:?} is quarantined for {secs} more seconds after repeated malformed results",
-            hello.worker_name
-        ));
+    if let Some(secs) = ctx.quarantine.remaining(name) {
+        return Err(format!("worker {name:?} is quarantined for {secs} more seconds after repeated malformed results"));
     }
     Ok(Welcome {
         protocol_version: PROTOCOL_VERSION,

@@ -1,0 +1,57 @@
+//! `metatrain certs`: make the cluster's CA and certificates (see `metatrain_common::net::pki`).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use metatrain_common::net::pki;
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Create a cluster CA and the coordinator's certificate in DIR.
+    Init(InitArgs),
+    /// Issue a worker certificate NAME (DIR/workers/NAME.crt and .key), signed by DIR's CA.
+    Issue(IssueArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// The cluster's TLS directory (pass it to `metatrain train --tls-dir`).
+    #[arg(long, default_value = "tls")]
+    pub dir: PathBuf,
+    /// Extra DNS names or IPs for the coordinator certificate (for workers that verify with --ca).
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct IssueArgs {
+    /// The worker's name (1-64 of letters, digits, '-', '_', '.'): its authenticated identity in logs
+    /// and metrics.
+    pub name: String,
+    #[arg(long, default_value = "tls")]
+    pub dir: PathBuf,
+}
+
+pub fn run(cmd: CertsCommand) -> Result<()> {
+    match cmd {
+        CertsCommand::Init(a) => {
+            pki::init(&a.dir, &a.hosts).map_err(anyhow::Error::msg)?;
+            println!(
+                "created {0}/ca.crt, {0}/ca.key (keep private), {0}/coordinator.crt, {0}/coordinator.key",
+                a.dir.display()
+            );
+        }
+        CertsCommand::Issue(a) => {
+            let (crt, key) = pki::issue(&a.dir, &a.name).map_err(anyhow::Error::msg)?;
+            println!("issued {} and {}", crt.display(), key.display());
+            println!(
+                "  use: metatrain-worker run --coordinator HOST:PORT --ca {}/ca.crt --cert {} --key {}",
+                a.dir.display(),
+                crt.display(),
+                key.display()
+            );
+        }
+    }
+    Ok(())
+}
