@@ -22,6 +22,6 @@ fi
 if [ "${METATRAIN_SKIP_BUILD:-0}" != 1 ]; then
   features=()
   if [ "${METATRAIN_CUDA:-0}" = 1 ]; then features=(--features metatrain-worker/cuda); fi
-  echo "metatrain setup: building (cargo build --release${features:+ ${features[*]}})"
+  echo "metatrain setup: building (cargo build --release --workspace --bins${features:+ ${features[*]}})"
   (cd "$here" && cargo build --release --workspace --bins ${features[@]+"${features[@]}"})
 fi

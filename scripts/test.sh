@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, and .ci/run calls exactly this): sets up (libtorch, promtool, build) and
 # runs every test in the workspace: unit tests, gradient checks and whole-system tests.
-# Extra arguments go to `cargo test` (e.g. scripts/test.sh -p metatrain-coordinator).
+# Arguments replace `--workspace` and go to `cargo test` (e.g. scripts/test.sh -p metatrain-coordinator).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$here/scripts/env.sh"
@@ -17,4 +17,8 @@ fi
 
 "$here/scripts/setup.sh"
 cd "$here"
-cargo test --release --workspace "$@"
+if [ $# -gt 0 ]; then
+  cargo test --release "$@"
+else
+  cargo test --release --workspace
+fi

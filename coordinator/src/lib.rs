@@ -7,6 +7,7 @@
 //! - [`checkpoint`]: atomic save/resume of everything that determines the rest of the run.
 //! - [`server`]: the QUIC endpoint, one handler per message kind.
 //! - [`run`]: the training loop that feeds server events and ticks to the cores above.
+//! - [`chaos`]: `metatrain chaos`, a failure-injection run compared with an undisturbed one.
 //! - [`certs`]: `metatrain certs init|issue`, the cluster CA and certificates.
 //! - [`train`]: `metatrain train` (set-up, loop, output); [`report`], [`progress`], [`local`], [`metrics`].
 //!
@@ -14,6 +15,7 @@
 
 pub mod aggregate;
 pub mod certs;
+pub mod chaos;
 pub mod checkpoint;
 pub mod local;
 pub mod metrics;

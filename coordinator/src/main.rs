@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use metatrain_coordinator::certs::{self, CertsCommand};
+use metatrain_coordinator::chaos;
 use metatrain_coordinator::train::{self, TrainArgs};
 
 #[derive(Parser)]
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Meta-train a model (with local workers by default, or workers that join over the network).
     Train(TrainArgs),
+    /// Run a job twice, undisturbed and with a worker killed every ~10 s; check nothing is lost or changed.
+    Chaos(chaos::ChaosArgs),
     /// Make the cluster's CA and certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(train::run(args))?;
         }
         Command::Certs(cmd) => certs::run(cmd)?,
+        Command::Chaos(args) => chaos::run(args)?,
     }
     Ok(())
 }

@@ -33,6 +33,8 @@ use crate::server::{Event, Outbound, Quarantine};
 const MAX_TASK_FAILURES: usize = 3;
 /// Malformed results after which a worker is disconnected and quarantined.
 const QUARANTINE_STRIKES: u32 = 3;
+/// Distinct worker names used as metrics label values before further ones are labelled `other`.
+const MAX_WORKER_LABELS: usize = 64;
 /// How long a quarantined worker's name is refused.
 const QUARANTINE: Duration = Duration::from_secs(60);
 /// How often deadlines and local workers are checked.
@@ -75,6 +77,8 @@ pub struct Trainer {
     failures: HashMap<TaskId, BTreeSet<WorkerId>>,
     quarantine: Arc<Quarantine>,
     last_rejection: Option<String>,
+    /// Worker names in use as metrics labels.
+    labels: BTreeSet<String>,
     /// Scheduler counters already exported as metrics.
     exported: SchedulerStats,
     pub tasks_completed: u64,
@@ -109,6 +113,7 @@ impl Trainer {
             failures: HashMap::new(),
             quarantine,
             last_rejection: None,
+            labels: BTreeSet::new(),
             exported: SchedulerStats::default(),
             tasks_completed: 0,
             results_rejected: 0,
@@ -320,6 +325,8 @@ impl Trainer {
                         metrics::histogram!("metatrain_task_duration_seconds", "mode" => label)
                             .record(result.compute_seconds as f64);
                         self.tasks_completed += 1;
+                        let who = self.worker_label(worker);
+                        metrics::counter!("metatrain_worker_results_total", "worker" => who).increment(1);
                         collector.insert(index, outcome);
                     }
                     // Benign: a slower copy of a task already done, or a result from before this batch.
@@ -333,6 +340,20 @@ impl Trainer {
                 Ok(actions)
             }
         }
+    }
+
+    /// The `worker` metrics label: the worker's (authenticated) name for the first [`MAX_WORKER_LABELS`]
+    /// names seen, `other` after that, so that the label's cardinality stays bounded.
+    fn worker_label(&mut self, worker: WorkerId) -> String {
+        let Some(name) = self.workers.get(&worker).map(|w| w.name.clone()) else { return "other".into() };
+        if self.labels.contains(&name) {
+            return name;
+        }
+        if self.labels.len() < MAX_WORKER_LABELS {
+            self.labels.insert(name.clone());
+            return name;
+        }
+        "other".into()
     }
 
     fn reject(&mut self, reason: &'static str) {

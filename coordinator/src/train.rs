@@ -93,9 +93,10 @@ impl TrainArgs {
             overrides.push(format!("seed={s}"));
         }
         let cfg = Config::from_toml_with_overrides(&text, &overrides);
+        let with_sets = if overrides.is_empty() { "" } else { " with the --set/--steps/--seed overrides" };
         match &self.config {
-            Some(p) => cfg.with_context(|| format!("in {}", p.display())),
-            None => cfg.context("in the built-in default config"),
+            Some(p) => cfg.with_context(|| format!("in {}{with_sets}", p.display())),
+            None => cfg.with_context(|| format!("in the built-in default config{with_sets}")),
         }
     }
 
@@ -104,12 +105,17 @@ impl TrainArgs {
             return o.clone();
         }
         let stem = self.config.as_ref().and_then(|p| p.file_stem()).and_then(|s| s.to_str()).unwrap_or("run");
-        PathBuf::from("runs").join(format!("{stem}-{}", utc_stamp()))
+        let base = PathBuf::from("runs").join(format!("{stem}-{}", utc_stamp()));
+        // Two runs started in the same second get distinct directories.
+        (1..)
+            .map(|i| if i == 1 { base.clone() } else { PathBuf::from(format!("{}-{i}", base.display())) })
+            .find(|p| !p.exists())
+            .unwrap_or(base)
     }
 }
 
 /// `YYYYmmdd-HHMMSS` in UTC, from the system clock (civil-from-days, no time-zone database needed).
-fn utc_stamp() -> String {
+pub fn utc_stamp() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     let z = days + 719_468;
@@ -124,11 +130,31 @@ fn utc_stamp() -> String {
     format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// The config, output directory and (when resuming) the checkpoint to continue from.
-fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, Option<Checkpoint>)> {
+/// Takes `out/.lock` (an exclusive `flock`, released when the process ends, however it ends), so two
+/// processes never write one run directory.
+fn lock_run_dir(out: &Path) -> Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let path = out.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("another metatrain process is using {}", out.display());
+    }
+    Ok(file)
+}
+
+/// The config, output directory (locked) and, when resuming, the checkpoint to continue from.
+fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<Checkpoint>)> {
     let Some(dir) = &args.resume else {
         let config = args.config()?;
         let out = args.out_dir();
+        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+        let lock = lock_run_dir(&out)?;
         if out.join("report.json").exists() || checkpoint::dir_of(&out).is_dir() {
             bail!(
                 "{} already holds a run; choose another --out, or continue it with --resume {}",
@@ -136,9 +162,9 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, Option<Checkpoint>)> {
                 out.display()
             );
         }
-        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-        return Ok((config, out, None));
+        return Ok((config, out, lock, None));
     };
+    let lock = lock_run_dir(dir)?;
     let (ckpt, path) = checkpoint::load_latest(dir).with_context(|| format!("cannot resume {}", dir.display()))?;
     let saved = Config::from_toml(&ckpt.header.config_toml).context("the checkpoint's config is invalid")?;
     let config = if args.config.is_some() {
@@ -163,12 +189,12 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, Option<Checkpoint>)> {
         );
     }
     eprintln!("resuming {} from {} (step {})", dir.display(), path.display(), ckpt.header.step);
-    Ok((config, dir.clone(), Some(ckpt)))
+    Ok((config, dir.clone(), lock, Some(ckpt)))
 }
 
 /// Runs a whole training job; returns the output directory.
 pub async fn run(args: TrainArgs) -> Result<PathBuf> {
-    let (config, out, resume) = prepare(&args)?;
+    let (config, out, _lock, resume) = prepare(&args)?;
     let started = Instant::now();
 
     // Metrics first, so that everything after is observable.
@@ -394,7 +420,8 @@ fn describe_eval(e: &crate::aggregate::BatchSummary) -> String {
 }
 
 fn print_summary(r: &Report, out: &Path) {
-    println!("run finished: {} meta-steps in {:.1}s, {} tasks", r.final_step, r.wall_seconds, r.tasks_completed);
+    let how = if r.interrupted { "run stopped (interrupted) after" } else { "run finished:" };
+    println!("{how} {} meta-steps in {:.1}s, {} tasks", r.final_step, r.wall_seconds, r.tasks_completed);
     if let Some(e) = &r.eval {
         println!(
             "held-out ({} tasks, {} inner steps): pre-adaptation loss {:.4} ± {:.4}, post-adaptation loss {:.4} ± {:.4}",

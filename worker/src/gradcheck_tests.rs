@@ -13,42 +13,59 @@ use tch::{Kind, Tensor};
 use crate::algo::{adapt, leaves, meta_gradient, InnerLoop, TaskTensors};
 use crate::model::{forward, loss, TargetTensor};
 use crate::tensors::params_from_flat;
+use metatrain_common::rng::{keyed_rng, normal, uniform};
 
 const EPS: f64 = 1e-6;
 /// Agreement required between analytic and finite-difference directional derivatives (relative, f64).
 const TOL: f64 = 1e-6;
 
+thread_local! {
+    /// Each test's own random stream (tests run on parallel threads; libtorch's generator is global).
+    static RNG: std::cell::RefCell<rand_chacha::ChaCha8Rng> = std::cell::RefCell::new(keyed_rng(&[0]));
+}
+
 fn seeded(seed: i64) {
-    tch::manual_seed(seed);
+    RNG.with(|r| *r.borrow_mut() = keyed_rng(&[seed as u64]));
+}
+
+fn draw(shape: &[i64], f: impl Fn(&mut rand_chacha::ChaCha8Rng) -> f64) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let v: Vec<f64> = RNG.with(|r| (0..n).map(|_| f(&mut r.borrow_mut())).collect());
+    Tensor::from_slice(&v).reshape(shape)
+}
+
+/// Standard normal f64 tensor from the test's stream.
+fn randn(shape: &[i64]) -> Tensor {
+    draw(shape, normal)
+}
+
+/// Uniform [0, 1) f64 tensor from the test's stream.
+fn rand01(shape: &[i64]) -> Tensor {
+    draw(shape, |r| uniform(r, 0.0, 1.0))
 }
 
 /// Initial parameters with every tensor perturbed so that norm affine parameters are not 1/0.
 fn params(spec: &ModelSpec, seed: i64) -> Vec<Tensor> {
     seeded(seed);
     let flat = spec.init_params(seed as u64);
-    params_from_flat(&spec.layout(), &flat, Kind::Double)
-        .into_iter()
-        .map(|p| &p + Tensor::randn(p.size(), (Kind::Double, tch::Device::Cpu)) * 0.2)
-        .collect()
+    params_from_flat(&spec.layout(), &flat, Kind::Double).into_iter().map(|p| &p + randn(&p.size()) * 0.2).collect()
 }
 
 fn regression_task(in_features: i64, n_support: i64, n_query: i64) -> TaskTensors {
-    let opts = (Kind::Double, tch::Device::Cpu);
     TaskTensors {
-        support_x: Tensor::randn([n_support, in_features], opts),
-        support_y: TargetTensor::Real(Tensor::randn([n_support, 1], opts)),
-        query_x: Tensor::randn([n_query, in_features], opts),
-        query_y: TargetTensor::Real(Tensor::randn([n_query, 1], opts)),
+        support_x: randn(&[n_support, in_features]),
+        support_y: TargetTensor::Real(randn(&[n_support, 1])),
+        query_x: randn(&[n_query, in_features]),
+        query_y: TargetTensor::Real(randn(&[n_query, 1])),
     }
 }
 
 fn image_task(n_way: i64, shots: i64, queries: i64) -> TaskTensors {
-    let opts = (Kind::Double, tch::Device::Cpu);
     let labels = |k: i64| Tensor::arange(n_way, (Kind::Int64, tch::Device::Cpu)).repeat_interleave_self_int(k, 0, None);
     TaskTensors {
-        support_x: Tensor::rand([n_way * shots, 1, 28, 28], opts),
+        support_x: rand01(&[n_way * shots, 1, 28, 28]),
         support_y: TargetTensor::Class(labels(shots)),
-        query_x: Tensor::rand([n_way * queries, 1, 28, 28], opts),
+        query_x: rand01(&[n_way * queries, 1, 28, 28]),
         query_y: TargetTensor::Class(labels(queries)),
     }
 }
@@ -71,7 +88,7 @@ fn shifted(theta: &[Tensor], v: &[Tensor], s: f64) -> Vec<Tensor> {
 fn directions(theta: &[Tensor], names: &[String], coords_of: &[&str], n: usize) -> Vec<Vec<Tensor>> {
     let mut dirs = Vec::new();
     for _ in 0..n {
-        let v: Vec<Tensor> = theta.iter().map(|t| Tensor::randn(t.size(), (Kind::Double, tch::Device::Cpu))).collect();
+        let v: Vec<Tensor> = theta.iter().map(|t| randn(&t.size())).collect();
         let norm = dot(&v, &v).sqrt();
         dirs.push(v.iter().map(|x| x / norm).collect());
     }
@@ -185,7 +202,7 @@ fn inner_clamp_is_symmetric() {
     seeded(51);
     let theta = params(&spec, 51);
     let mut task = regression_task(1, 10, 10);
-    task.support_y = TargetTensor::Real(Tensor::randn([10, 1], (Kind::Double, tch::Device::Cpu)) * 100.0);
+    task.support_y = TargetTensor::Real(randn(&[10, 1]) * 100.0);
     let (lr, c) = (0.1, 0.5);
     let adapted = adapt(&spec, &leaves(&theta), &task, &InnerLoop { steps: 1, lr, clamp: c }, false);
     let moves: Vec<f64> = theta

@@ -1,0 +1,177 @@
+//! `metatrain chaos`: a local cluster under fire. It runs the same job twice — once undisturbed with
+//! local workers, once with external workers of which a random one is killed (SIGKILL) about every
+//! `--kill-every` seconds and restarted — then prints the tasks lost (must be 0) and whether the final
+//! parameters are bitwise equal. Exit status 0 only if both hold.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use metatrain_common::net::pki;
+use metatrain_common::rng::keyed_rng;
+use rand::Rng;
+
+use crate::local::find_worker_binary;
+
+#[derive(Args, Debug)]
+pub struct ChaosArgs {
+    /// Run configuration (as for `train`). Default: configs/sinusoid.toml settings built in.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Config overrides (as for `train`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Meta-steps of each run.
+    #[arg(long, default_value_t = 3000)]
+    pub steps: u64,
+    /// Workers in the chaos run.
+    #[arg(long, default_value_t = 3)]
+    pub workers: usize,
+    /// Mean seconds between kills (each gap is drawn uniformly from 0.5× to 1.5× this).
+    #[arg(long, default_value_t = 10.0)]
+    pub kill_every: f64,
+    /// Seed of the chaos (which worker, when).
+    #[arg(long, default_value_t = 0)]
+    pub chaos_seed: u64,
+    /// Output directory (holds reference/ and chaos/). Default: runs/chaos-<UTC time>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+fn train_command(args: &ChaosArgs, out: &Path, local_workers: usize) -> Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe().context("locating metatrain")?);
+    cmd.arg("train");
+    if let Some(c) = &args.config {
+        cmd.arg("--config").arg(c);
+    }
+    for o in &args.overrides {
+        cmd.arg("--set").arg(o);
+    }
+    cmd.args(["--steps", &args.steps.to_string(), "--local-workers", &local_workers.to_string()])
+        .args(["--metrics-addr", "none", "--out"])
+        .arg(out)
+        .stdin(Stdio::null());
+    Ok(cmd)
+}
+
+fn report(out: &Path) -> Result<serde_json::Value> {
+    let p = out.join("report.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn spawn_worker(binary: &Path, addr: &str, fingerprint: &str, tls: &Path, name: &str) -> Result<Child> {
+    let w = tls.join("workers");
+    Command::new(binary)
+        .args(["run", "--coordinator", addr, "--fingerprint", fingerprint, "--name", name, "--metrics-addr", "none"])
+        .arg("--cert")
+        .arg(w.join(format!("{name}.crt")))
+        .arg("--key")
+        .arg(w.join(format!("{name}.key")))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting a worker")
+}
+
+pub fn run(args: ChaosArgs) -> Result<()> {
+    if args.workers < 2 {
+        bail!("--workers must be at least 2 (one is always being killed)");
+    }
+    if !(args.kill_every.is_finite() && args.kill_every > 0.0) {
+        bail!("--kill-every must be a positive number of seconds");
+    }
+    let out =
+        args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("chaos-{}", crate::train::utc_stamp())));
+    let worker_bin = find_worker_binary(None)?;
+
+    eprintln!("chaos: reference run (no failures) in {}", out.join("reference").display());
+    let status = train_command(&args, &out.join("reference"), args.workers)?.stderr(Stdio::null()).status()?;
+    if !status.success() {
+        bail!("the reference run failed ({status}); run it with `metatrain train` to see why");
+    }
+
+    let chaos_out = out.join("chaos");
+    eprintln!(
+        "chaos: run with {} workers, one killed about every {}s, in {}",
+        args.workers,
+        args.kill_every,
+        chaos_out.display()
+    );
+    let mut coord = train_command(&args, &chaos_out, 0)?.stderr(Stdio::piped()).spawn()?;
+    let stderr = coord.stderr.take().context("coordinator stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (addr, fp) = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .context("the coordinator did not start")?;
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+            let fp = line.split("fingerprint ").nth(1).unwrap_or_default().trim().to_string();
+            break (addr, fp);
+        }
+    };
+    let tls = chaos_out.join("tls");
+    let names: Vec<String> = (0..args.workers).map(|i| format!("chaos-{i}")).collect();
+    for n in &names {
+        pki::issue(&tls, n).map_err(anyhow::Error::msg)?;
+    }
+    let mut workers: Vec<Child> =
+        names.iter().map(|n| spawn_worker(&worker_bin, &addr, &fp, &tls, n)).collect::<Result<_>>()?;
+    let mut rng = keyed_rng(&[args.chaos_seed, 0xC4A05]);
+    let mut kills = 0u64;
+    let mut next_kill = Instant::now() + Duration::from_secs_f64(args.kill_every * rng.gen_range(0.5..1.5));
+    let started = Instant::now();
+    let status = loop {
+        while rx.try_recv().is_ok() {}
+        if let Some(s) = coord.try_wait()? {
+            break s;
+        }
+        if Instant::now() >= next_kill {
+            let i = rng.gen_range(0..workers.len());
+            let _ = workers[i].kill();
+            let _ = workers[i].wait();
+            kills += 1;
+            eprintln!("chaos: t={:.0}s killed {} (SIGKILL), restarting it", started.elapsed().as_secs_f64(), names[i]);
+            workers[i] = spawn_worker(&worker_bin, &addr, &fp, &tls, &names[i])?;
+            next_kill = Instant::now() + Duration::from_secs_f64(args.kill_every * rng.gen_range(0.5..1.5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    if !status.success() {
+        bail!("the chaos run failed ({status})");
+    }
+    let (reference, chaos) = (report(&out.join("reference"))?, report(&chaos_out)?);
+    let expected = reference["tasks_completed"].as_u64().unwrap_or(0);
+    let completed = chaos["tasks_completed"].as_u64().unwrap_or(0);
+    let lost = expected.saturating_sub(completed);
+    let equal = reference["params_sha256"] == chaos["params_sha256"] && chaos["params_sha256"].is_string();
+    println!("chaos run: {kills} workers killed in {:.0}s", started.elapsed().as_secs_f64());
+    println!(
+        "tasks: {completed} completed of {expected} ({lost} lost); {} reassigned, {} duplicated, {} results refused",
+        chaos["tasks_reassigned"], chaos["tasks_duplicated"], chaos["results_rejected"]
+    );
+    println!(
+        "final parameters {} the failure-free run's (params_sha256 {})",
+        if equal { "EQUAL to" } else { "DIFFER from" },
+        chaos["params_sha256"].as_str().unwrap_or("?")
+    );
+    if lost > 0 || !equal {
+        bail!("chaos check failed");
+    }
+    Ok(())
+}
