@@ -5,6 +5,27 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// The bar on screen, if any: log lines are printed above it instead of through it.
+static ACTIVE_BAR: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
+
+/// A stderr writer for `tracing` that suspends the progress bar while a log line is written, so log
+/// lines never land on the bar's line.
+pub struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = ACTIVE_BAR.lock().ok().and_then(|b| b.clone());
+        match bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf)).map(|_| buf.len()),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Plain-text progress lines are printed at most this often.
 const LINE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -25,6 +46,9 @@ impl Progress {
                     .progress_chars("=> "),
             );
             bar.set_position(start);
+            if let Ok(mut active) = ACTIVE_BAR.lock() {
+                *active = Some(bar.clone());
+            }
             bar
         });
         Progress { bar, total, started: Instant::now(), last_line: Instant::now() }
@@ -57,6 +81,9 @@ impl Progress {
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+            if let Ok(mut active) = ACTIVE_BAR.lock() {
+                *active = None;
+            }
         }
     }
 }
