@@ -34,6 +34,10 @@ pub fn describe() {
         Unit::Seconds,
         "Worker-reported compute time per accepted task, by mode."
     );
+    describe_counter!(
+        "metatrain_worker_results_total",
+        "Results accepted, by worker (authenticated name; the first 64 names, then `other`)."
+    );
     describe_counter!("metatrain_results_rejected_total", "Task results refused, by reason.");
     describe_counter!(
         "metatrain_tasks_reassigned_total",
