@@ -50,6 +50,8 @@ pub enum SamplerState {
 pub struct Header {
     pub format: u32,
     pub config_toml: String,
+    /// SHA-256 of `config_toml` (a quick identity for tools; compatibility is checked key by key).
+    pub config_sha256: String,
     /// Completed meta-steps (= the parameters' version).
     pub step: u64,
     pub layout_fingerprint: String,
@@ -126,6 +128,9 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Checkpoint, CheckpointError> 
     let part =
         |i: usize| decode_f32(&tensors[4 * n * i..4 * n * (i + 1)], Dtype::F32, n).map_err(|e| damaged(&e.to_string()));
     let c = Checkpoint { params: part(0)?, adam_m: part(1)?, adam_v: part(2)?, header };
+    if sha256_hex(c.header.config_toml.as_bytes()) != c.header.config_sha256 {
+        return Err(damaged("config does not match its recorded hash"));
+    }
     if params_sha256(&c.params) != c.header.params_sha256 {
         return Err(damaged("parameters do not match their recorded hash"));
     }
@@ -196,6 +201,7 @@ mod tests {
             header: Header {
                 format: FORMAT,
                 config_toml: "seed = 1\n".into(),
+                config_sha256: sha256_hex(b"seed = 1\n"),
                 step,
                 layout_fingerprint: "ab".into(),
                 numel: 3,

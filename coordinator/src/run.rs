@@ -137,6 +137,7 @@ impl Trainer {
             header: Header {
                 format: 1,
                 config_toml: self.config.to_toml(),
+                config_sha256: metatrain_common::layout::sha256_hex(self.config.to_toml().as_bytes()),
                 step,
                 layout_fingerprint: self.layout.fingerprint(),
                 numel: self.layout.numel() as u64,
