@@ -194,3 +194,34 @@ pub fn issued_identity(tls_dir: &Path, name: &str) -> metatrain_common::net::Ide
     metatrain_common::net::Identity::load(&dir.join(format!("{name}.crt")), &dir.join(format!("{name}.key")))
         .expect("load issued identity")
 }
+
+/// `metatrain train` on configs/noisy-linear.toml with `steps`, `seed`, `local` local workers, no
+/// evaluations, metrics on a free loopback port, into `out`; callers add options.
+pub fn noisy_linear_run(out: &Path, steps: u32, seed: u64, local: usize) -> Command {
+    let mut cmd = Command::new(binary("metatrain"));
+    cmd.arg("train")
+        .arg("--config")
+        .arg(root().join("configs/noisy-linear.toml"))
+        .args(["--steps", &steps.to_string(), "--seed", &seed.to_string()])
+        .args(["--set", "eval.every=0", "--set", "eval.final_tasks=0"])
+        .args(["--local-workers", &local.to_string(), "--metrics-addr", "127.0.0.1:0", "--out"])
+        .arg(out);
+    cmd
+}
+
+/// The value of an unlabelled metric in a scrape (0 when absent).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls the coordinator's /metrics until at least `n` meta-steps are done.
+pub fn wait_for_steps(metrics_addr: &str, n: f64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while metric(&scrape(metrics_addr), "metatrain_meta_steps_total") < n {
+        assert!(Instant::now() < deadline, "the run did not reach {n} meta-steps within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

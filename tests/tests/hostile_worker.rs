@@ -12,21 +12,12 @@ use metatrain_common::net::{
 };
 use metatrain_common::protocol::{Hello, Limits, Message, TaskResult, PROTOCOL_VERSION};
 use metatrain_common::tensor::{encode_f32, Dtype};
-use metatrain_tests::{
-    binary, coordinator_address, issued_identity, metrics_address, read_report, root, scrape, scratch, worker, Proc,
-};
+use metatrain_tests::*;
 
-const STEPS: &str = "20";
+const STEPS: u32 = 20;
 
-fn coordinator(out: &std::path::Path, local: &str) -> Command {
-    let mut cmd = Command::new(binary("metatrain"));
-    cmd.arg("train")
-        .arg("--config")
-        .arg(root().join("configs/noisy-linear.toml"))
-        .args(["--steps", STEPS, "--seed", "3", "--set", "eval.every=0", "--set", "eval.final_tasks=0"])
-        .args(["--local-workers", local, "--metrics-addr", "127.0.0.1:0", "--out"])
-        .arg(out);
-    cmd
+fn coordinator(out: &std::path::Path, local: usize) -> Command {
+    noisy_linear_run(out, STEPS, 3, local)
 }
 
 /// Plays a worker that corrupts every result; returns the reason its connection was closed.
@@ -88,11 +79,11 @@ fn counter(text: &str, needle: &str) -> f64 {
 fn a_faulty_worker_is_refused_counted_quarantined_and_changes_nothing() {
     install_crypto_provider();
     let dir = scratch("hostile-worker");
-    let (status, _) = Proc::spawn(&mut coordinator(&dir.join("clean"), "1"), "clean").finish(Duration::from_secs(300));
+    let (status, _) = Proc::spawn(&mut coordinator(&dir.join("clean"), 1), "clean").finish(Duration::from_secs(300));
     assert!(status.success());
     let clean = read_report(&dir.join("clean"));
 
-    let mut coord = Proc::spawn(&mut coordinator(&dir.join("attacked"), "0"), "coordinator");
+    let mut coord = Proc::spawn(&mut coordinator(&dir.join("attacked"), 0), "coordinator");
     let metrics = coord.wait_for(Duration::from_secs(30), metrics_address);
     let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
     let rt = tokio::runtime::Runtime::new().expect("runtime");

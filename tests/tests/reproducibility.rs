@@ -2,22 +2,14 @@
 //! tasks, nor on a worker being killed mid-run (its tasks are reassigned; reduction is in task order).
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use metatrain_tests::{binary, coordinator_address, metrics_address, read_report, root, scrape, scratch, worker, Proc};
+use metatrain_tests::*;
 
 const STEPS: u32 = 40;
 
 fn train(out: &std::path::Path, local_workers: usize) -> Command {
-    let mut cmd = Command::new(binary("metatrain"));
-    cmd.arg("train")
-        .arg("--config")
-        .arg(root().join("configs/noisy-linear.toml"))
-        .args(["--steps", &STEPS.to_string(), "--seed", "11", "--set", "eval.every=0", "--set", "eval.final_tasks=0"])
-        .args(["--local-workers", &local_workers.to_string()])
-        .arg("--out")
-        .arg(out);
-    cmd
+    noisy_linear_run(out, STEPS, 11, local_workers)
 }
 
 fn sha_of_run(out: &std::path::Path, local_workers: usize) -> String {
@@ -36,26 +28,13 @@ fn same_parameters_with_one_or_three_workers_and_with_a_killed_worker() {
     assert_eq!(one, three, "1 worker vs 3 workers");
 
     // Three external workers; one is killed with SIGKILL once the run is under way.
-    let mut coord = Proc::spawn(train(&dir.join("killed"), 0).args(["--metrics-addr", "127.0.0.1:0"]), "coordinator");
+    let mut coord = Proc::spawn(&mut train(&dir.join("killed"), 0), "coordinator");
     let metrics = coord.wait_for(Duration::from_secs(30), metrics_address);
     let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
     let mut workers: Vec<Proc> = (0..3)
         .map(|i| Proc::spawn(&mut worker(&addr, &fp, &dir.join("killed/tls"), &format!("w{i}")), &format!("worker{i}")))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let text = scrape(&metrics);
-        let steps = text
-            .lines()
-            .find_map(|l| l.strip_prefix("metatrain_meta_steps_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if steps >= 5.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "run did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&metrics, 5.0, Duration::from_secs(120));
     workers[1].signal("KILL");
     let (status, _) = coord.finish(Duration::from_secs(300));
     assert!(status.success());

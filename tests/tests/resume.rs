@@ -4,9 +4,9 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use metatrain_tests::{binary, metrics_address, read_report, root, scrape, scratch, Proc};
+use metatrain_tests::*;
 
 const STEPS: u32 = 60;
 
@@ -17,31 +17,16 @@ fn train(args: &[&str]) -> Command {
 }
 
 fn fresh(out: &Path) -> Command {
-    let mut cmd = train(&["--config"]);
-    cmd.arg(root().join("configs/noisy-linear.toml"))
-        .args(["--steps", &STEPS.to_string(), "--seed", "5", "--set", "eval.every=0", "--set", "eval.final_tasks=0"])
-        .args(["--set", "checkpoint.every=10", "--local-workers", "2", "--metrics-addr", "127.0.0.1:0", "--out"])
-        .arg(out);
+    let mut cmd = noisy_linear_run(out, STEPS, 5, 2);
+    cmd.args(["--set", "checkpoint.every=10"]);
     cmd
-}
-
-fn steps_done(metrics: &str) -> f64 {
-    scrape(metrics)
-        .lines()
-        .find_map(|l| l.strip_prefix("metatrain_meta_steps_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Starts a run and waits until it has done at least `n` meta-steps.
 fn start_until(out: &Path, n: f64) -> Proc {
     let mut p = Proc::spawn(&mut fresh(out), "coordinator");
     let m = p.wait_for(Duration::from_secs(30), metrics_address);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while steps_done(&m) < n {
-        assert!(Instant::now() < deadline, "run did not reach {n} steps");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&m, n, Duration::from_secs(120));
     p
 }
 

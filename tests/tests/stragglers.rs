@@ -4,27 +4,20 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use metatrain_tests::{binary, coordinator_address, metrics_address, read_report, root, scrape, scratch, worker, Proc};
+use metatrain_tests::*;
 
-fn coordinator(out: &std::path::Path, local: &str) -> Command {
-    let mut cmd = Command::new(binary("metatrain"));
-    cmd.arg("train")
-        .arg("--config")
-        .arg(root().join("configs/noisy-linear.toml"))
-        .args(["--steps", "40", "--seed", "8", "--set", "eval.every=0", "--set", "eval.final_tasks=0"])
-        .args(["--local-workers", local, "--metrics-addr", "127.0.0.1:0", "--out"])
-        .arg(out);
-    cmd
+fn coordinator(out: &std::path::Path, local: usize) -> Command {
+    noisy_linear_run(out, 40, 8, local)
 }
 
 #[test]
 fn a_sigstopped_worker_does_not_hang_the_run() {
     let dir = scratch("sigstop");
-    let (status, _) = Proc::spawn(&mut coordinator(&dir.join("clean"), "1"), "clean").finish(Duration::from_secs(300));
+    let (status, _) = Proc::spawn(&mut coordinator(&dir.join("clean"), 1), "clean").finish(Duration::from_secs(300));
     assert!(status.success());
     let clean = read_report(&dir.join("clean"));
 
-    let mut coord = Proc::spawn(&mut coordinator(&dir.join("stopped"), "0"), "coordinator");
+    let mut coord = Proc::spawn(&mut coordinator(&dir.join("stopped"), 0), "coordinator");
     let metrics = coord.wait_for(Duration::from_secs(30), metrics_address);
     let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
     let workers: Vec<Proc> = (0..3)
@@ -32,11 +25,7 @@ fn a_sigstopped_worker_does_not_hang_the_run() {
             Proc::spawn(&mut worker(&addr, &fp, &dir.join("stopped/tls"), &format!("w{i}")), &format!("worker{i}"))
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !scrape(&metrics).lines().any(|l| l.starts_with("metatrain_meta_steps_total ") && !l.ends_with(" 0")) {
-        assert!(Instant::now() < deadline, "run did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&metrics, 1.0, Duration::from_secs(60));
     workers[0].signal("STOP");
     let started = Instant::now();
     let (status, _) = coord.finish(Duration::from_secs(120));
