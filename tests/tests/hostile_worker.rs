@@ -123,3 +123,67 @@ fn a_faulty_worker_is_refused_counted_quarantined_and_changes_nothing() {
     assert_eq!(attacked["params_sha256"], clean["params_sha256"], "bad results never touched the parameters");
     assert!(attacked["results_rejected"].as_u64().unwrap_or(0) >= 3);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()))
+        })
+        .flatten()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_stream_flood_is_bounded_and_the_run_goes_on() {
+    install_crypto_provider();
+    let dir = scratch("stream-flood");
+    let mut coord = Proc::spawn(&mut coordinator(&dir.join("run"), 0), "coordinator");
+    let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
+    let identity = issued_identity(&dir.join("run/tls"), "flooder");
+    let before = rss_kib(coord.child.id());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (opened, _conn, _endpoint) = rt.block_on(async {
+        let endpoint = client_endpoint(&ServerTrust::Fingerprint(fp.clone()), Some(&identity)).expect("endpoint");
+        let conn = endpoint.connect(addr.parse().expect("addr"), server_name()).expect("connect").await.expect("tls");
+        let (mut send, _recv) = conn.open_bi().await.expect("bi");
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            worker_name: "flooder".into(),
+            capacity: 1,
+            device: "cpu".into(),
+        };
+        write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+        // Open result streams and leave each hanging after a prefix that promises a header.
+        let mut opened = 0;
+        let mut streams = Vec::new();
+        for _ in 0..500 {
+            match tokio::time::timeout(Duration::from_millis(200), conn.open_uni()).await {
+                Ok(Ok(mut s)) => {
+                    let mut prefix = metatrain_common::protocol::FRAME_MAGIC.to_vec();
+                    prefix.extend_from_slice(&1000u32.to_le_bytes());
+                    prefix.extend_from_slice(&0u64.to_le_bytes());
+                    let _ = s.write_all(&prefix).await;
+                    streams.push(s);
+                    opened += 1;
+                }
+                _ => break,
+            }
+        }
+        std::mem::forget(streams);
+        (opened, conn, endpoint)
+    });
+    let during = rss_kib(coord.child.id());
+    println!("streams opened before the limit stopped the flood: {opened}; coordinator RSS {before} → {during} KiB");
+    assert!(opened <= 64, "the concurrent-stream limit held ({opened} opened)");
+    // An honest worker still completes the run, and memory stayed bounded.
+    let honest = Proc::spawn(&mut worker(&addr, &fp, &dir.join("run/tls"), "honest"), "honest");
+    let (status, _) = coord.finish(Duration::from_secs(300));
+    assert!(status.success());
+    drop(honest);
+    let r = read_report(&dir.join("run"));
+    assert_eq!(r["final_step"].as_u64(), Some(STEPS as u64));
+    assert!(during < before + 100_000, "memory grew from {before} to {during} KiB under the flood");
+}
