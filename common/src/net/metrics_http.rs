@@ -18,6 +18,8 @@ pub const HISTOGRAM_SECONDS_BUCKETS: &[f64] =
 
 /// A scrape request is one short line plus headers; anything longer is not Prometheus.
 const MAX_REQUEST_BYTES: usize = 8192;
+/// Scrapes served at once (Prometheus needs one; a few dashboards and curls fit).
+const MAX_CONNECTIONS: usize = 32;
 /// A client that has not sent its request by then is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -34,11 +36,15 @@ pub fn install_prometheus() -> Result<PrometheusHandle, String> {
 pub async fn serve_metrics(addr: SocketAddr, handle: PrometheusHandle) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { continue };
+            // Beyond the cap, connections are closed at once: idle clients cannot exhaust file descriptors.
+            let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
             let handle = handle.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let mut buf = Vec::with_capacity(512);
                 let mut chunk = [0u8; 1024];
                 let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
