@@ -35,8 +35,8 @@ pub enum Rejection {
     MissingGradient,
     #[error("an evaluation result with a gradient")]
     UnexpectedGradient,
-    #[error("a result in another mode than its task was assigned in")]
-    WrongMode,
+    #[error("a result claiming another parameter version or mode than its task was assigned in")]
+    WrongVersionOrMode,
 }
 
 impl Rejection {
@@ -49,7 +49,7 @@ impl Rejection {
             Rejection::Gradient(_) => "wrong_shape",
             Rejection::MissingGradient => "missing_gradient",
             Rejection::UnexpectedGradient => "unexpected_gradient",
-            Rejection::WrongMode => "wrong_mode",
+            Rejection::WrongVersionOrMode => "wrong_version_or_mode",
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use metatrain_common::config::Config;
 use metatrain_common::layout::{ModelSpec, ParamLayout};
-use metatrain_common::protocol::{Assignment, Mode, TaskId};
+use metatrain_common::protocol::{Assignment, Mode, TaskId, MAX_TASKS_PER_ASSIGN};
 use metatrain_common::task::TaskSpec;
 use metatrain_common::tensor::encode_f32;
 use thiserror::Error;
@@ -74,7 +74,10 @@ pub struct Trainer {
     events: mpsc::Receiver<Event>,
     local: Option<LocalWorkers>,
     next_task: TaskId,
-    failures: HashMap<TaskId, BTreeSet<WorkerId>>,
+    /// Distinct worker names seen, up to [`MAX_TASK_FAILURES`] (all that the failure limit needs).
+    names_seen: BTreeSet<String>,
+    /// Names of the workers on which each task failed or had its result refused.
+    failures: HashMap<TaskId, BTreeSet<String>>,
     quarantine: Arc<Quarantine>,
     last_rejection: Option<String>,
     /// Worker names in use as metrics labels.
@@ -110,6 +113,7 @@ impl Trainer {
             events,
             local,
             next_task: 0,
+            names_seen: BTreeSet::new(),
             failures: HashMap::new(),
             quarantine,
             last_rejection: None,
@@ -275,6 +279,9 @@ impl Trainer {
         match ev {
             Event::Joined { worker, name, capacity, outbox } => {
                 let limit = capacity as usize * self.config.cluster.tasks_in_flight;
+                if self.names_seen.len() < MAX_TASK_FAILURES {
+                    self.names_seen.insert(name.clone());
+                }
                 self.workers.insert(worker, WorkerEntry { name, outbox, strikes: 0 });
                 self.max_workers = self.max_workers.max(self.workers.len());
                 metrics::gauge!("metatrain_workers_connected").set(self.workers.len() as f64);
@@ -291,34 +298,41 @@ impl Trainer {
             }
             Event::TaskFailed { worker, id, version: v, reason } => {
                 metrics::counter!("metatrain_tasks_failed_total").increment(1);
-                if v != version || !by_id.contains_key(&id) {
+                if !self.scheduler.holds(worker, id) {
+                    self.reject("not_assigned");
+                    self.strike(worker, "a failure report for a task it was not computing");
                     return Ok(Vec::new());
                 }
-                tracing::warn!("worker {worker} could not compute task {id}: {reason}");
-                self.count_failure(worker, id, by_id, reason)?;
+                if v == version && self.scheduler.in_batch(id) {
+                    tracing::warn!("worker {worker} could not compute task {id}: {reason}");
+                    self.count_failure(worker, id, by_id, reason.clone())?;
+                    // A worker that cannot compute tasks is as useless as one that sends garbage.
+                    self.strike(worker, &format!("could not compute a task: {reason}"));
+                }
                 Ok(self.scheduler.retry(worker, id, now))
             }
             Event::Result { worker, result, outcome } => {
-                let outcome = match outcome {
-                    // A result in another mode than its task was assigned in (e.g. a gradient for an
-                    // evaluation task) is as malformed as a NaN.
-                    Ok(_) if result.mode != mode && result.version == version => Err(Rejection::WrongMode),
-                    other => other,
-                };
+                if !self.scheduler.holds(worker, result.id) {
+                    // Never given this task (or already returned it): forged or replayed.
+                    self.reject("not_assigned");
+                    tracing::warn!("worker {worker}: refused result for task {} it was not computing", result.id);
+                    self.strike(worker, "a result for a task it was not computing");
+                    return Ok(Vec::new());
+                }
                 let outcome = match outcome {
                     Ok(o) => o,
                     Err(rejection) => {
                         self.reject(rejection.reason());
                         self.last_rejection = Some(rejection.to_string());
                         tracing::warn!("worker {worker}: refused result for task {}: {rejection}", result.id);
-                        if result.version == version && by_id.contains_key(&result.id) {
+                        if self.scheduler.in_batch(result.id) {
                             self.count_failure(worker, result.id, by_id, rejection.to_string())?;
                         }
                         self.strike(worker, &rejection.to_string());
                         return Ok(self.scheduler.retry(worker, result.id, now));
                     }
                 };
-                let (verdict, actions) = self.scheduler.result(worker, result.id, result.version, now);
+                let (verdict, actions) = self.scheduler.result(worker, result.id, result.version, result.mode, now);
                 match verdict {
                     Verdict::Accepted { index } => {
                         let label = if mode == Mode::Train { "train" } else { "eval" };
@@ -330,13 +344,19 @@ impl Trainer {
                         metrics::counter!("metatrain_worker_results_total", "worker" => who).increment(1);
                         collector.insert(index, outcome);
                     }
-                    // Benign: a slower copy of a task already done, or a result from before this batch.
+                    // Benign: a slower copy of a task already done, or a late copy from an earlier batch.
                     Verdict::Duplicate => self.reject("duplicate"),
                     Verdict::Stale => self.reject("stale_version"),
-                    Verdict::Unknown => {
-                        self.reject("unknown_task");
-                        self.strike(worker, "a result for a task it was never given");
+                    Verdict::Mismatch => {
+                        let why = Rejection::WrongVersionOrMode;
+                        self.reject(why.reason());
+                        self.last_rejection = Some(why.to_string());
+                        tracing::warn!("worker {worker}: refused result for task {}: {why}", result.id);
+                        self.count_failure(worker, result.id, by_id, why.to_string())?;
+                        self.strike(worker, &why.to_string());
                     }
+                    // Checked above.
+                    Verdict::NotAssigned => self.reject("not_assigned"),
                 }
                 Ok(actions)
             }
@@ -389,13 +409,15 @@ impl Trainer {
         by_id: &HashMap<TaskId, TaskSpec>,
         reason: String,
     ) -> Result<(), RunError> {
+        // Distinct worker *names*: one certificate reconnecting many times is still one worker.
+        let Some(name) = self.workers.get(&worker).map(|w| w.name.clone()) else { return Ok(()) };
+        let Some(spec) = by_id.get(&id).copied() else { return Ok(()) };
         let failed_on = self.failures.entry(id).or_default();
-        failed_on.insert(worker);
+        failed_on.insert(name);
         // Two distinct workers suffice when the run has only had two; a lone worker is never enough to
         // call a failure deterministic (it is quarantined instead, see `strike`).
-        let limit = self.max_workers.clamp(2, MAX_TASK_FAILURES);
+        let limit = self.names_seen.len().clamp(2, MAX_TASK_FAILURES);
         if failed_on.len() >= limit {
-            let spec = by_id[&id];
             let workers = failed_on.len();
             return Err(RunError::TaskKeepsFailing { id, step: spec.step, index: spec.index, workers, reason });
         }
@@ -418,7 +440,15 @@ impl Trainer {
                     debug_assert_eq!(v, version);
                     (worker, Outbound::Params { version: v, len, payload: payload.clone() })
                 }
-                Action::Assign { worker, tasks } => (worker, Outbound::Assign(tasks)),
+                Action::Assign { worker, tasks } => {
+                    // The protocol caps one Assign; a worker with many slots gets several.
+                    if let Some(w) = self.workers.get(&worker) {
+                        for chunk in tasks.chunks(MAX_TASKS_PER_ASSIGN) {
+                            let _ = w.outbox.send(Outbound::Assign(chunk.to_vec()));
+                        }
+                    }
+                    continue;
+                }
             };
             if let Some(w) = self.workers.get(&worker) {
                 // A closed outbox means the connection is ending; its Left event requeues the tasks.

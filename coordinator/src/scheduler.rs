@@ -6,8 +6,9 @@
 //! time; a leaving worker's tasks go back to the queue, and so do tasks whose deadline passes. When the
 //! queue is empty and a batch waits only on slow tasks, a worker with a free slot gets a *duplicate* of
 //! the oldest straggler (at most [`MAX_COPIES`] copies run at once). A result is accepted once per task,
-//! from whichever worker returns it first, and only for the current batch's version; everything else gets
-//! a [`Verdict`] saying why it was dropped.
+//! from whichever worker returns it first, only from a worker that was given the task, and only for the
+//! version and mode it was assigned in; everything else gets a [`Verdict`] saying why it was dropped.
+//! A task whose copy failed (or was refused) on a worker goes to another worker when one is connected.
 //!
 //! A worker's in-flight slots are truthful: a slot stays taken until that worker returns the task (or
 //! leaves), even if the task was meanwhile reassigned or finished elsewhere. So a stalled worker is not
@@ -18,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use metatrain_common::protocol::{Assignment, TaskId};
+use metatrain_common::protocol::{Assignment, Mode, TaskId};
 
 pub type WorkerId = u64;
 
@@ -30,6 +31,10 @@ const STRAGGLER_FACTOR: f64 = 3.0;
 const STRAGGLER_MIN: Duration = Duration::from_millis(200);
 /// Weight of the newest sample in the latency moving average.
 const LATENCY_EWMA: f64 = 0.1;
+/// Before any latency is known (no result yet in this run), a task counts as a straggler once it has
+/// run this fraction of the task timeout: a silent worker that took tasks first does not stall the
+/// batch for the whole timeout while other workers idle.
+const NO_ESTIMATE_FRACTION: f64 = 0.25;
 
 /// What the caller must do, in order.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,10 +57,13 @@ pub enum Verdict {
     Accepted { index: usize },
     /// A result for a task that already has one (a late original after a reassignment or a duplicate).
     Duplicate,
-    /// A result computed on another parameter version than the current batch's.
+    /// A task from an earlier batch that this worker was given and returns late (benign).
     Stale,
-    /// No such task in the current batch.
-    Unknown,
+    /// The sender was never given this task (or already returned it): a forged or replayed result.
+    NotAssigned,
+    /// The sender was given this task, but the result claims another version or mode than the
+    /// assignment's: malformed. The worker's copy is dropped (and the task requeued if nobody else runs it).
+    Mismatch,
 }
 
 #[derive(Debug)]
@@ -86,6 +94,12 @@ struct Task {
     holders: BTreeSet<WorkerId>,
     /// When it was first assigned in this batch (for latency).
     first_assigned: Option<Instant>,
+    /// Copies started (a latency sample is taken only from tasks that ran once, so that rescued
+    /// stragglers do not inflate the estimate).
+    copies: u32,
+    /// Workers whose copy failed or was refused; the task goes to them again only if no other worker
+    /// is connected.
+    failed_on: BTreeSet<WorkerId>,
 }
 
 /// Counters the caller exports as metrics.
@@ -157,8 +171,15 @@ impl Scheduler {
         // (their stale results free the slots), so it is not handed more than it can take.
         for (index, assignment) in assignments.into_iter().enumerate() {
             self.queue.insert(index, assignment.id);
-            let task =
-                Task { index, assignment, state: TaskState::Pending, holders: BTreeSet::new(), first_assigned: None };
+            let task = Task {
+                index,
+                assignment,
+                state: TaskState::Pending,
+                holders: BTreeSet::new(),
+                first_assigned: None,
+                copies: 0,
+                failed_on: BTreeSet::new(),
+            };
             self.tasks.insert(task.assignment.id, task);
         }
         self.fill(now)
@@ -169,14 +190,36 @@ impl Scheduler {
         self.remaining == 0
     }
 
-    /// A result for `task` computed on `version` arrived from `worker`.
-    pub fn result(&mut self, worker: WorkerId, task: TaskId, version: u64, now: Instant) -> (Verdict, Vec<Action>) {
-        if let Some(w) = self.workers.get_mut(&worker) {
-            w.in_flight.remove(&task);
+    /// Whether `worker` was given `task` and has not returned it (its slot is taken).
+    pub fn holds(&self, worker: WorkerId, task: TaskId) -> bool {
+        self.workers.get(&worker).is_some_and(|w| w.in_flight.contains(&task))
+    }
+
+    /// Whether `task` belongs to the current batch.
+    pub fn in_batch(&self, task: TaskId) -> bool {
+        self.tasks.contains_key(&task)
+    }
+
+    /// A valid result for `task`, computed on `version` in `mode`, arrived from `worker`.
+    pub fn result(
+        &mut self,
+        worker: WorkerId,
+        task: TaskId,
+        version: u64,
+        mode: Mode,
+        now: Instant,
+    ) -> (Verdict, Vec<Action>) {
+        let held = self.workers.get_mut(&worker).is_some_and(|w| w.in_flight.remove(&task));
+        if !held {
+            return (Verdict::NotAssigned, Vec::new());
+        }
+        let mismatch =
+            self.tasks.get(&task).is_some_and(|t| t.assignment.version != version || t.assignment.mode != mode);
+        if mismatch {
+            return (Verdict::Mismatch, self.retry(worker, task, now));
         }
         let verdict = match self.tasks.get_mut(&task) {
-            _ if version != self.version => Verdict::Stale,
-            None => Verdict::Unknown,
+            None => Verdict::Stale,
             Some(t) => {
                 t.holders.remove(&worker);
                 if t.state == TaskState::Done {
@@ -187,7 +230,7 @@ impl Scheduler {
                     }
                     t.state = TaskState::Done;
                     self.remaining -= 1;
-                    if let Some(at) = t.first_assigned {
+                    if let (Some(at), 1) = (t.first_assigned, t.copies) {
                         let sample = now.saturating_duration_since(at).as_secs_f64();
                         self.latency = Some(match self.latency {
                             Some(l) => l + LATENCY_EWMA * (sample - l),
@@ -206,6 +249,9 @@ impl Scheduler {
     pub fn retry(&mut self, worker: WorkerId, task: TaskId, now: Instant) -> Vec<Action> {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.in_flight.remove(&task);
+        }
+        if let Some(t) = self.tasks.get_mut(&task) {
+            t.failed_on.insert(worker);
         }
         self.release(worker, task);
         self.fill(now)
@@ -253,21 +299,24 @@ impl Scheduler {
     }
 
     /// Hands pending tasks to workers with room, lowest worker id first, lowest task index first; a worker
-    /// never gets a task it is still holding.
+    /// never gets a task it is still holding, nor one that failed on it while another worker could take it.
     fn fill(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
+        let connected: Vec<WorkerId> = self.workers.keys().copied().collect();
         for (&wid, w) in self.workers.iter_mut() {
             let mut batch = Vec::new();
             let mut skipped = Vec::new();
             while w.in_flight.len() < w.limit {
                 let Some((index, id)) = self.queue.pop_first() else { break };
                 let Some(t) = self.tasks.get_mut(&id) else { continue };
-                if t.holders.contains(&wid) {
+                let failed_here = t.failed_on.contains(&wid) && connected.iter().any(|c| !t.failed_on.contains(c));
+                if t.holders.contains(&wid) || failed_here {
                     skipped.push((index, id));
                     continue;
                 }
                 t.state = TaskState::Running { started: now, deadline: now + self.timeout };
                 t.first_assigned.get_or_insert(now);
+                t.copies += 1;
                 t.holders.insert(wid);
                 w.in_flight.insert(id);
                 batch.push(t.assignment.clone());
@@ -281,11 +330,13 @@ impl Scheduler {
     /// With the queue empty, gives each worker with a free slot a copy of the oldest straggler it does not
     /// already hold.
     fn duplicate_stragglers(&mut self, now: Instant) -> Vec<Action> {
-        let Some(latency) = self.latency else { return Vec::new() };
         if !self.queue.is_empty() {
             return Vec::new();
         }
-        let threshold = Duration::from_secs_f64(STRAGGLER_FACTOR * latency).max(STRAGGLER_MIN);
+        let threshold = match self.latency {
+            Some(latency) => Duration::from_secs_f64(STRAGGLER_FACTOR * latency).max(STRAGGLER_MIN),
+            None => self.timeout.mul_f64(NO_ESTIMATE_FRACTION).max(STRAGGLER_MIN),
+        };
         let mut actions = Vec::new();
         for (&wid, w) in self.workers.iter_mut() {
             if w.in_flight.len() >= w.limit {
@@ -294,7 +345,9 @@ impl Scheduler {
             let straggler = self
                 .tasks
                 .iter_mut()
-                .filter(|(_, t)| t.holders.len() < MAX_COPIES && !t.holders.contains(&wid))
+                .filter(|(_, t)| {
+                    t.holders.len() < MAX_COPIES && !t.holders.contains(&wid) && !t.failed_on.contains(&wid)
+                })
                 .filter_map(|(id, t)| match t.state {
                     TaskState::Running { started, .. } if now.saturating_duration_since(started) >= threshold => {
                         Some((started, *id, t))
@@ -304,6 +357,7 @@ impl Scheduler {
                 .min_by_key(|(started, id, _)| (*started, *id));
             let Some((_, id, t)) = straggler else { continue };
             t.holders.insert(wid);
+            t.copies += 1;
             w.in_flight.insert(id);
             self.stats.duplicated += 1;
             push_assign(&mut actions, wid, w, self.version, vec![t.assignment.clone()]);
@@ -366,13 +420,13 @@ mod tests {
         assert_eq!(params_sent(&a), 2);
         assert_eq!(assigned(&a, 1), vec![100, 101]);
         assert_eq!(assigned(&a, 2), vec![102, 103]);
-        let (v, a) = s.result(1, 100, 0, t0);
+        let (v, a) = s.result(1, 100, 0, Mode::Train, t0);
         assert_eq!(v, Verdict::Accepted { index: 0 });
         assert_eq!(params_sent(&a), 0, "worker 1 already has version 0");
         assert_eq!(assigned(&a, 1), vec![104]);
         for id in [101, 102, 103, 104] {
             let w = if id == 102 || id == 103 { 2 } else { 1 };
-            assert!(matches!(s.result(w, id, 0, t0).0, Verdict::Accepted { .. }));
+            assert!(matches!(s.result(w, id, 0, Mode::Train, t0).0, Verdict::Accepted { .. }));
         }
         assert!(s.batch_done());
         let a = s.start_batch(1, batch(1, 4, 200), t0);
@@ -391,13 +445,13 @@ mod tests {
         assert!(assigned(&a, 2).is_empty(), "worker 2 is full");
         assert_eq!(s.stats.reassigned, 2);
         // As worker 2 frees slots it receives worker 1's tasks, in index order.
-        let (_, a) = s.result(2, 2, 0, t0);
+        let (_, a) = s.result(2, 2, 0, Mode::Train, t0);
         assert_eq!(assigned(&a, 2), vec![0]);
-        let (_, a) = s.result(2, 3, 0, t0);
+        let (_, a) = s.result(2, 3, 0, Mode::Train, t0);
         assert_eq!(assigned(&a, 2), vec![1]);
-        s.result(2, 0, 0, t0);
+        s.result(2, 0, 0, Mode::Train, t0);
         assert!(!s.batch_done());
-        s.result(2, 1, 0, t0);
+        s.result(2, 1, 0, Mode::Train, t0);
         assert!(s.batch_done());
     }
 
@@ -409,27 +463,35 @@ mod tests {
         s.worker_joined(2, 1, t0);
         s.start_batch(0, batch(0, 3, 0), t0);
         s.worker_left(1, t0);
-        let (_, a) = s.result(2, 1, 0, t0);
+        let (_, a) = s.result(2, 1, 0, Mode::Train, t0);
         assert_eq!(assigned(&a, 2), vec![0], "task 0 (lower index) before task 2");
-        let (_, a) = s.result(2, 0, 0, t0);
+        let (_, a) = s.result(2, 0, 0, Mode::Train, t0);
         assert_eq!(assigned(&a, 2), vec![2]);
-        s.result(2, 2, 0, t0);
+        s.result(2, 2, 0, Mode::Train, t0);
         assert!(s.batch_done());
     }
 
     #[test]
     fn deadlines_reassign_and_first_result_wins() {
         let t0 = Instant::now();
-        let mut s = Scheduler::new(Duration::from_secs(5));
+        let s_ = Duration::from_secs;
+        let mut s = Scheduler::new(s_(5));
         s.worker_joined(1, 1, t0);
         s.start_batch(0, batch(0, 1, 7), t0);
         s.worker_joined(2, 1, t0);
-        assert!(s.tick(t0 + Duration::from_secs(4)).is_empty());
-        let a = s.tick(t0 + Duration::from_secs(6));
-        assert_eq!(assigned(&a, 2), vec![7], "expired task goes to the idle worker");
-        // The slow original answers first: accepted; the reassigned copy is then a duplicate.
-        assert_eq!(s.result(1, 7, 0, t0).0, Verdict::Accepted { index: 0 });
-        assert_eq!(s.result(2, 7, 0, t0).0, Verdict::Duplicate);
+        // No latency known yet: after a quarter of the timeout the idle worker 2 runs a copy.
+        assert!(s.tick(t0 + s_(1)).is_empty());
+        assert_eq!(assigned(&s.tick(t0 + s_(2)), 2), vec![7]);
+        // Two copies run: a third worker gets nothing until the deadline passes.
+        s.worker_joined(3, 1, t0 + s_(3));
+        assert!(s.tick(t0 + s_(4)).is_empty());
+        let a = s.tick(t0 + s_(6));
+        assert_eq!(assigned(&a, 3), vec![7], "expired task goes to the idle worker");
+        assert_eq!(s.stats.reassigned, 1);
+        // The slow original answers first: accepted; the other copies are then duplicates.
+        assert_eq!(s.result(1, 7, 0, Mode::Train, t0).0, Verdict::Accepted { index: 0 });
+        assert_eq!(s.result(2, 7, 0, Mode::Train, t0).0, Verdict::Duplicate);
+        assert_eq!(s.result(3, 7, 0, Mode::Train, t0).0, Verdict::Duplicate);
         assert!(s.batch_done());
     }
 
@@ -441,34 +503,68 @@ mod tests {
         s.worker_joined(2, 1, t0);
         s.start_batch(0, batch(0, 3, 0), t0);
         // Worker 1 stalls on task 0; worker 2 finishes task 1 and gets task 2.
-        let (_, a) = s.result(2, 1, 0, t0);
+        let (_, a) = s.result(2, 1, 0, Mode::Train, t0);
         assert_eq!(assigned(&a, 2), vec![2]);
-        s.result(2, 2, 0, t0);
+        s.result(2, 2, 0, Mode::Train, t0);
         // Task 0 expires: it goes to worker 2, not back to the stalled worker 1.
         let a = s.tick(t0 + Duration::from_secs(6));
         assert_eq!(assigned(&a, 2), vec![0]);
         assert!(assigned(&a, 1).is_empty());
-        s.result(2, 0, 0, t0);
+        s.result(2, 0, 0, Mode::Train, t0);
         assert!(s.batch_done());
         // Next batch: worker 1 still holds its unreturned task, so everything goes to worker 2.
         let a = s.start_batch(1, batch(1, 2, 10), t0);
         assert!(assigned(&a, 1).is_empty());
         assert_eq!(assigned(&a, 2), vec![10]);
         // When worker 1's stale result finally arrives, its slot is free again.
-        let (v, a) = s.result(1, 0, 0, t0);
+        let (v, a) = s.result(1, 0, 0, Mode::Train, t0);
         assert_eq!(v, Verdict::Stale);
         assert_eq!(assigned(&a, 1), vec![11]);
     }
 
     #[test]
-    fn stale_and_unknown_results_are_refused() {
+    fn results_are_taken_only_from_the_worker_given_the_task_in_its_version_and_mode() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(Duration::from_secs(5));
         s.worker_joined(1, 4, t0);
         s.start_batch(3, batch(3, 2, 0), t0);
-        assert_eq!(s.result(1, 0, 2, t0).0, Verdict::Stale);
-        assert_eq!(s.result(1, 55, 3, t0).0, Verdict::Unknown);
+        s.worker_joined(2, 4, t0);
+        // Worker 2 was given nothing: a result from it is refused and changes nothing.
+        assert_eq!(s.result(2, 1, 3, Mode::Train, t0).0, Verdict::NotAssigned);
+        assert_eq!(s.result(1, 55, 3, Mode::Train, t0).0, Verdict::NotAssigned);
+        assert!(s.holds(1, 1), "worker 1 still computes task 1");
+        // Worker 1 claims the wrong version, then the wrong mode: its copy is dropped and the tasks go to
+        // the other worker.
+        let (v, a) = s.result(1, 0, 2, Mode::Train, t0);
+        assert_eq!(v, Verdict::Mismatch);
+        assert_eq!(assigned(&a, 2), vec![0]);
+        let (v, a) = s.result(1, 1, 3, Mode::Eval, t0);
+        assert_eq!(v, Verdict::Mismatch);
+        assert_eq!(assigned(&a, 2), vec![1]);
+        // A result already returned cannot be replayed.
+        assert!(matches!(s.result(2, 0, 3, Mode::Train, t0).0, Verdict::Accepted { .. }));
+        assert_eq!(s.result(2, 0, 3, Mode::Train, t0).0, Verdict::NotAssigned);
         assert!(!s.batch_done());
+    }
+
+    #[test]
+    fn a_late_copy_from_an_earlier_batch_on_the_same_version_is_stale_not_malformed() {
+        // An evaluation after step s and the training step s + 1 share parameter version s + 1.
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(Duration::from_secs(60));
+        s.worker_joined(1, 1, t0);
+        s.worker_joined(2, 1, t0);
+        let eval: Vec<Assignment> = batch(5, 2, 0).into_iter().map(|a| Assignment { mode: Mode::Eval, ..a }).collect();
+        s.start_batch(5, eval, t0);
+        s.result(2, 1, 5, Mode::Eval, t0 + ms(100));
+        let a = s.tick(t0 + ms(1000));
+        assert_eq!(assigned(&a, 2), vec![0], "straggler duplicated");
+        s.result(2, 0, 5, Mode::Eval, t0 + ms(1100));
+        assert!(s.batch_done());
+        s.start_batch(5, batch(5, 2, 10), t0 + ms(1200));
+        // Worker 1's slow evaluation copy arrives during the training batch.
+        assert_eq!(s.result(1, 0, 5, Mode::Eval, t0 + ms(1300)).0, Verdict::Stale);
     }
 
     #[test]
@@ -478,8 +574,40 @@ mod tests {
         s.worker_joined(1, 1, t0);
         s.start_batch(0, batch(0, 1, 0), t0);
         let a = s.retry(1, 0, t0);
-        assert_eq!(assigned(&a, 1), vec![0]);
+        assert_eq!(assigned(&a, 1), vec![0], "the only worker gets it again");
         assert_eq!(s.stats.reassigned, 1);
+    }
+
+    #[test]
+    fn a_failed_task_goes_to_another_worker_when_there_is_one() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(5));
+        s.worker_joined(1, 1, t0);
+        s.worker_joined(2, 1, t0);
+        s.start_batch(0, batch(0, 3, 0), t0);
+        // Worker 1 fails task 0: it gets task 2 instead, and task 0 waits for worker 2.
+        let a = s.retry(1, 0, t0);
+        assert_eq!(assigned(&a, 1), vec![2]);
+        let (_, a) = s.result(2, 1, 0, Mode::Train, t0);
+        assert_eq!(assigned(&a, 2), vec![0]);
+        assert!(assigned(&a, 1).is_empty());
+    }
+
+    #[test]
+    fn before_any_latency_is_known_a_silent_worker_is_duplicated_after_a_quarter_timeout() {
+        let t0 = Instant::now();
+        let s_ = Duration::from_secs;
+        let mut s = Scheduler::new(s_(40));
+        s.worker_joined(1, 8, t0);
+        s.start_batch(0, batch(0, 2, 0), t0);
+        s.worker_joined(2, 8, t0);
+        assert!(s.tick(t0 + s_(9)).is_empty());
+        // One copy per idle worker per tick, oldest first.
+        let a = s.tick(t0 + s_(10));
+        assert_eq!(assigned(&a, 2), vec![0]);
+        let a = s.tick(t0 + s_(11));
+        assert_eq!(assigned(&a, 2), vec![1]);
+        assert_eq!(s.stats.duplicated, 2);
     }
 
     #[test]
@@ -491,9 +619,9 @@ mod tests {
         s.worker_joined(2, 1, t0);
         s.start_batch(0, batch(0, 3, 0), t0);
         // Worker 2 returns quickly (latency 100 ms) and takes task 2; worker 1 is slow on task 0.
-        let (_, a) = s.result(2, 1, 0, t0 + ms(100));
+        let (_, a) = s.result(2, 1, 0, Mode::Train, t0 + ms(100));
         assert_eq!(assigned(&a, 2), vec![2]);
-        let (_, a) = s.result(2, 2, 0, t0 + ms(200));
+        let (_, a) = s.result(2, 2, 0, Mode::Train, t0 + ms(200));
         assert!(a.is_empty());
         // Not a straggler yet (age 250 ms < max(3 × 100 ms, 200 ms)).
         assert!(s.tick(t0 + ms(250)).is_empty());
@@ -501,8 +629,8 @@ mod tests {
         assert_eq!(assigned(&a, 2), vec![0], "idle worker 2 duplicates the straggler");
         assert_eq!(s.stats.duplicated, 1);
         assert!(s.tick(t0 + ms(900)).is_empty(), "at most one duplicate, and worker 2 is busy");
-        assert_eq!(s.result(2, 0, 0, t0 + ms(500)).0, Verdict::Accepted { index: 0 });
-        assert_eq!(s.result(1, 0, 0, t0 + ms(5000)).0, Verdict::Duplicate);
+        assert_eq!(s.result(2, 0, 0, Mode::Train, t0 + ms(500)).0, Verdict::Accepted { index: 0 });
+        assert_eq!(s.result(1, 0, 0, Mode::Train, t0 + ms(5000)).0, Verdict::Duplicate);
         assert!(s.batch_done());
         assert_eq!(s.stats.reassigned, 0);
     }
@@ -515,7 +643,7 @@ mod tests {
         s.worker_joined(1, 1, t0);
         s.worker_joined(2, 1, t0);
         s.start_batch(0, batch(0, 2, 0), t0);
-        s.result(2, 1, 0, t0 + ms(100));
+        s.result(2, 1, 0, Mode::Train, t0 + ms(100));
         let a = s.tick(t0 + ms(1000));
         assert_eq!(assigned(&a, 2), vec![0]);
         // Worker 2's copy is refused: worker 1 still computes task 0, so nothing is queued.

@@ -144,7 +144,7 @@ fn frames_and_message_handling_never_panic() {
                         assert!(g.iter().all(|v| v.is_finite()), "a non-finite gradient was accepted");
                     }
                     assert!(o.pre_loss.is_finite() && o.post_loss.is_finite());
-                    if let (Verdict::Accepted { .. }, _) = sched.result(1, r.id, r.version, t0) {
+                    if let (Verdict::Accepted { .. }, _) = sched.result(1, r.id, r.version, r.mode, t0) {
                         accepted += 1;
                         if sched.batch_done() {
                             sched.start_batch(0, batch.clone(), t0);

@@ -1,5 +1,5 @@
-//! A deliberately faulty worker — it speaks the protocol but answers every task with a NaN gradient or
-//! a wrongly shaped one — next to an honest worker: its results are refused and counted by reason, it is
+//! A deliberately faulty worker — it speaks the protocol but forges a well-formed result for a task it
+//! was never given, then answers every task with a NaN gradient or a wrongly shaped one — next to an honest worker: its results are refused and counted by reason, it is
 //! disconnected and quarantined after repeated strikes, and the run still ends with exactly the
 //! parameters of a clean run.
 
@@ -40,6 +40,24 @@ async fn faulty_worker(addr: SocketAddr, fingerprint: &str, identity: &Identity)
             Message::Params { len, .. } => numel = len as usize,
             Message::Assign { tasks } => {
                 for a in tasks {
+                    if sent == 0 {
+                        // A finite, well-shaped gradient for a task this worker was not given.
+                        let forged = TaskResult {
+                            id: a.id + 1000,
+                            version: a.version,
+                            mode: a.mode,
+                            pre_loss: 1.0,
+                            post_loss: 0.5,
+                            pre_accuracy: None,
+                            post_accuracy: None,
+                            compute_seconds: 0.001,
+                            grad_dtype: Dtype::F32,
+                            grad_len: numel as u64,
+                        };
+                        let Ok(mut s) = conn.open_uni().await else { break };
+                        let _ = write_frame(&mut s, &Message::Result(forged), &encode_f32(&vec![0.5f32; numel])).await;
+                        let _ = s.finish();
+                    }
                     // Alternate: NaN in the gradient, then a gradient one element short.
                     let mut grad = vec![0.01f32; numel];
                     if sent % 2 == 0 {
@@ -94,9 +112,12 @@ fn a_faulty_worker_is_refused_counted_quarantined_and_changes_nothing() {
     let text = scrape(&metrics);
     let nan = counter(&text, "metatrain_results_rejected_total{reason=\"non_finite_gradient\"}");
     let shape = counter(&text, "metatrain_results_rejected_total{reason=\"wrong_shape\"}");
+    let forged = counter(&text, "metatrain_results_rejected_total{reason=\"not_assigned\"}");
     let quarantined = counter(&text, "metatrain_workers_quarantined_total");
-    println!("rejected: non_finite_gradient {nan}, wrong_shape {shape}; quarantined {quarantined}");
-    assert!(nan >= 1.0 && shape >= 1.0 && quarantined == 1.0, "{text}");
+    println!(
+        "rejected: not_assigned {forged}, non_finite_gradient {nan}, wrong_shape {shape}; quarantined {quarantined}"
+    );
+    assert!(forged >= 1.0 && nan >= 1.0 && shape >= 1.0 && quarantined == 1.0, "{text}");
 
     // Back during its quarantine: refused at the handshake.
     let again = rt.block_on(async {
