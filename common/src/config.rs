@@ -263,6 +263,13 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// Characters in the smaller Omniglot split (the evaluation split has 659, the background split 964): an
+/// N-way episode needs N distinct characters from either.
+pub const OMNIGLOT_MIN_SPLIT_CHARACTERS: usize = 659;
+/// Longest task timeout accepted (about 11.6 days): far beyond any real task, and small enough that
+/// deadlines computed from it never overflow a clock.
+pub const MAX_TASK_TIMEOUT_SECS: f64 = 1e6;
+
 /// Config keys that may change when a run is resumed: they do not change the parameters' trajectory.
 pub const RESUMABLE_PREFIXES: &[&str] = &["train.steps", "eval.", "cluster.", "checkpoint."];
 
@@ -319,8 +326,14 @@ impl Config {
                 }
             }
             TaskConfig::Omniglot(o) => {
-                if !(2..=1000).contains(&o.n_way) {
-                    return Err(invalid("task.n_way", format!("must be in 2..=1000, got {}", o.n_way)));
+                if !(2..=OMNIGLOT_MIN_SPLIT_CHARACTERS).contains(&o.n_way) {
+                    return Err(invalid(
+                        "task.n_way",
+                        format!(
+                            "must be in 2..={OMNIGLOT_MIN_SPLIT_CHARACTERS} (Omniglot's evaluation split has {OMNIGLOT_MIN_SPLIT_CHARACTERS} characters), got {}",
+                            o.n_way
+                        ),
+                    ));
                 }
                 if o.k_shot == 0 || o.q_query == 0 || o.k_shot + o.q_query > 20 {
                     return Err(invalid(
@@ -387,10 +400,10 @@ impl Config {
         if c.tasks_in_flight == 0 || c.tasks_in_flight > 4096 {
             return Err(invalid("cluster.tasks_in_flight", format!("must be in 1..=4096, got {}", c.tasks_in_flight)));
         }
-        if !(c.task_timeout_secs.is_finite() && c.task_timeout_secs > 0.0) {
+        if !(c.task_timeout_secs > 0.0 && c.task_timeout_secs <= MAX_TASK_TIMEOUT_SECS) {
             return Err(invalid(
                 "cluster.task_timeout_secs",
-                format!("must be finite and > 0, got {}", c.task_timeout_secs),
+                format!("must be in (0, {MAX_TASK_TIMEOUT_SECS}] seconds, got {}", c.task_timeout_secs),
             ));
         }
         Ok(())
@@ -432,7 +445,12 @@ fn flatten(config: &Config) -> std::collections::BTreeMap<String, String> {
 /// Regression sections may leave `support`/`query` out; their defaults depend on the distribution.
 fn fill_task_defaults(table: &mut toml::Table) {
     let Some(toml::Value::Table(task)) = table.get_mut("task") else { return };
-    let dist = task.get("distribution").and_then(|v| v.as_str()).map(str::to_string);
+    // `--set task.support=20` on the built-in default names no distribution: it is the default's.
+    let dist = task
+        .entry("distribution")
+        .or_insert_with(|| toml::Value::String("sinusoid".into()))
+        .as_str()
+        .map(str::to_string);
     let defaults = match dist.as_deref() {
         Some("sinusoid") => RegressionTaskConfig::sinusoid_default(),
         Some("noisy-linear") => RegressionTaskConfig::noisy_linear_default(),
@@ -503,6 +521,26 @@ mod tests {
         assert!(e.to_string().contains("model.name"), "{e}");
         let e = Config::from_toml_with_overrides("", &["nonsense".into()]).unwrap_err();
         assert!(matches!(e, ConfigError::BadOverride(_)));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_before_they_can_overflow_or_starve() {
+        for bad in
+            ["cluster.task_timeout_secs=1e300", "cluster.task_timeout_secs=1e19", "cluster.task_timeout_secs=nan"]
+        {
+            let e = Config::from_toml_with_overrides("", &[bad.into()]).unwrap_err();
+            assert!(e.to_string().contains("cluster.task_timeout_secs"), "{bad}: {e}");
+        }
+        let omniglot = "[task]\ndistribution = \"omniglot\"\n[model]\nname = \"conv4\"\n";
+        let e = Config::from_toml_with_overrides(omniglot, &["task.n_way=660".into()]).unwrap_err();
+        assert!(e.to_string().contains("659"), "{e}");
+        assert!(Config::from_toml_with_overrides(omniglot, &["task.n_way=659".into()]).is_ok());
+    }
+
+    #[test]
+    fn a_task_override_on_the_default_keeps_the_default_distribution() {
+        let c = Config::from_toml_with_overrides("", &["task.support=20".into()]).unwrap();
+        assert_eq!(c.task, TaskConfig::Sinusoid(RegressionTaskConfig { support: 20, query: 10 }));
     }
 
     #[test]

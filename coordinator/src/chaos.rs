@@ -82,8 +82,8 @@ pub fn run(args: ChaosArgs) -> Result<()> {
     if args.workers < 2 {
         bail!("--workers must be at least 2 (one is always being killed)");
     }
-    if !(args.kill_every.is_finite() && args.kill_every > 0.0) {
-        bail!("--kill-every must be a positive number of seconds");
+    if !(args.kill_every > 0.0 && args.kill_every <= 86_400.0) {
+        bail!("--kill-every must be a number of seconds in (0, 86400], got {}", args.kill_every);
     }
     let out =
         args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("chaos-{}", crate::train::utc_stamp())));
