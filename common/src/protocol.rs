@@ -30,6 +30,9 @@ pub const PREFIX_LEN: usize = 16;
 /// Control headers are small (the largest is `Welcome` with the config text, or `Assign` with a few
 /// hundred specs); 1 MiB leaves room without letting a peer make us allocate much.
 pub const MAX_HEADER_BYTES: usize = 1 << 20;
+/// Headers on a worker's result streams: a `TaskResult` is under 200 bytes and a `TaskFailed` reason is
+/// a sentence; 16 KiB keeps 64 concurrent streams per connection to 1 MiB of headers.
+pub const MAX_RESULT_HEADER_BYTES: usize = 16 << 10;
 /// Longest worker name accepted in `Hello` (it appears in logs and as a metrics label).
 pub const MAX_NAME_LEN: usize = 128;
 /// Most tasks in one `Assign`.
@@ -176,6 +179,11 @@ impl Limits {
     pub const CONTROL: Limits = Limits { max_header: MAX_HEADER_BYTES, max_payload: 0 };
     pub fn with_payload(max_payload: u64) -> Limits {
         Limits { max_header: MAX_HEADER_BYTES, max_payload }
+    }
+    /// A worker's result stream: a `Result` or `TaskFailed` header (a few hundred bytes) and at most a
+    /// gradient of `max_payload` bytes.
+    pub fn result_stream(max_payload: u64) -> Limits {
+        Limits { max_header: MAX_RESULT_HEADER_BYTES, max_payload }
     }
 }
 

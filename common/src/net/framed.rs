@@ -5,6 +5,9 @@ use thiserror::Error;
 
 use crate::protocol::{decode_header, decode_prefix, encode_head, Frame, Limits, Message, ProtocolError, PREFIX_LEN};
 
+/// Payload bytes reserved before any arrive; beyond this the buffer grows with what is received.
+const PAYLOAD_PREALLOC: u64 = 1 << 20;
+
 #[derive(Debug, Error)]
 pub enum NetError {
     #[error(transparent)]
@@ -42,9 +45,16 @@ pub async fn read_frame(stream: &mut RecvStream, limits: &Limits) -> Result<Opti
     let mut header = vec![0u8; header_len];
     read_exact(stream, &mut header).await?;
     let message = decode_header(&header, payload_len)?;
-    // Safe to allocate: payload_len passed the receiver's limit and matches the header's declaration.
-    let mut payload = vec![0u8; payload_len as usize];
-    read_exact(stream, &mut payload).await?;
+    // payload_len passed the receiver's limit and matches the header's declaration; still, memory grows
+    // only with bytes that actually arrive, so a peer cannot make us allocate by merely announcing.
+    let mut payload = Vec::with_capacity(payload_len.min(PAYLOAD_PREALLOC) as usize);
+    while (payload.len() as u64) < payload_len {
+        let want = (payload_len - payload.len() as u64).min(usize::MAX as u64) as usize;
+        match stream.read_chunk(want, true).await? {
+            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
+            None => return Err(NetError::FinishedEarly),
+        }
+    }
     Ok(Some(Frame { message, payload }))
 }
 

@@ -21,6 +21,8 @@ const MAX_REQUEST_BYTES: usize = 8192;
 /// Scrapes served at once (Prometheus needs one; a few dashboards and curls fit).
 const MAX_CONNECTIONS: usize = 32;
 /// A client that has not sent its request by then is dropped.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// A client must send its whole request this soon.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Installs the global Prometheus recorder (once per process) and returns its handle.
@@ -39,7 +41,14 @@ pub async fn serve_metrics(addr: SocketAddr, handle: PrometheusHandle) -> std::i
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let mut sock = match listener.accept().await {
+                Ok((sock, _)) => sock,
+                Err(_) => {
+                    // Out of descriptors (or similar): back off instead of spinning on the error.
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
             // Beyond the cap, connections are closed at once: idle clients cannot exhaust file descriptors.
             let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
             let handle = handle.clone();

@@ -17,6 +17,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// 400 MB gradient at 100 MB/s takes 4 s).
 const RESULT_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Connections (workers, and peers still in their handshake) served at once. Each may buffer up to 64
+/// result streams; this bounds the coordinator's memory and descriptors against connection floods
+/// while leaving room for far more workers than a run uses.
+const MAX_CONNECTIONS: usize = 1024;
+
 /// How often each connection's QUIC round-trip time (kept fresh by keep-alives) is recorded.
 const RTT_SAMPLE: Duration = Duration::from_secs(5);
 
@@ -25,11 +30,18 @@ const CLOSE_DONE: u32 = 0;
 const CLOSE_PROTOCOL_ERROR: u32 = 1;
 const CLOSE_REFUSED: u32 = 2;
 
-/// Accepts connections until the endpoint closes.
+/// Accepts connections until the endpoint closes; beyond [`MAX_CONNECTIONS`] new ones are refused.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ServerContext>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("refused a connection from {}: {MAX_CONNECTIONS} already open", incoming.remote_address());
+            incoming.refuse();
+            continue;
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => handle(conn, ctx).await,
@@ -52,7 +64,7 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
     })
     .await
     .unwrap_or_else(|_| Err(HandlerError::Protocol("no Hello within the handshake timeout".into())));
-    let (mut send, _control_recv, hello) = match handshake {
+    let (mut send, mut control_recv, hello) = match handshake {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!("worker at {remote}: {e}");
@@ -73,6 +85,8 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
             return;
         }
     };
+    // A worker sends nothing more on the control stream: tell it to stop, and buffer nothing it sends.
+    let _ = control_recv.stop(CLOSE_DONE.into());
     let worker = welcome.worker_id;
     if let Err(e) = write_frame(&mut send, &Message::Welcome(welcome), &[]).await {
         tracing::warn!("worker {worker} at {remote}: {e}");
@@ -143,7 +157,7 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
 
 /// Reads one frame per result stream until the connection ends. `Ok(reason)`: a clean end.
 async fn read_results(conn: &quinn::Connection, ctx: &Arc<ServerContext>, worker: u64) -> Result<String, HandlerError> {
-    let limits = Limits::with_payload(ctx.numel as u64 * 4);
+    let limits = Limits::result_stream(ctx.numel as u64 * 4);
     let (errors_tx, mut errors_rx) = mpsc::channel::<HandlerError>(1);
     loop {
         tokio::select! {
