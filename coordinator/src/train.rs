@@ -164,6 +164,9 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<C
         }
         return Ok((config, out, lock, None));
     };
+    if !checkpoint::dir_of(dir).is_dir() {
+        bail!("cannot resume {}: it holds no checkpoints/ (not a metatrain run directory?)", dir.display());
+    }
     let lock = lock_run_dir(dir)?;
     let (ckpt, path) = checkpoint::load_latest(dir).with_context(|| format!("cannot resume {}", dir.display()))?;
     let saved = Config::from_toml(&ckpt.header.config_toml).context("the checkpoint's config is invalid")?;
@@ -179,7 +182,9 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<C
     if !conflicts.is_empty() {
         bail!("cannot resume {} with a config that changes the run:\n  {}", dir.display(), conflicts.join("\n  "));
     }
-    if ckpt.header.step >= config.train.steps {
+    // A checkpoint at the last step of a run that stopped before its final evaluation resumes into it.
+    let needs_final_eval = ckpt.header.step == config.train.steps && !report_is_final(dir);
+    if ckpt.header.step >= config.train.steps && !needs_final_eval {
         bail!(
             "{} already has {} of {} meta-steps; pass --steps N (N > {}) to extend it",
             dir.display(),
@@ -192,8 +197,26 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<C
     Ok((config, dir.clone(), lock, Some(ckpt)))
 }
 
+/// Whether `dir/report.json` is a finished run's (not an interrupted one's).
+fn report_is_final(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("report.json")) else { return false };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("interrupted").and_then(|i| i.as_bool()))
+        .is_some_and(|interrupted| !interrupted)
+}
+
+/// Most local worker processes `--local-workers` may start (each is a libtorch process).
+const MAX_LOCAL_WORKERS: usize = 256;
+
 /// Runs a whole training job; returns the output directory.
 pub async fn run(args: TrainArgs) -> Result<PathBuf> {
+    if args.local_workers > MAX_LOCAL_WORKERS {
+        bail!("--local-workers must be at most {MAX_LOCAL_WORKERS}, got {}", args.local_workers);
+    }
+    if args.worker_threads == 0 || args.worker_threads > 1024 {
+        bail!("--worker-threads must be in 1..=1024, got {}", args.worker_threads);
+    }
     let (config, out, _lock, resume) = prepare(&args)?;
     let started = Instant::now();
 
@@ -294,7 +317,14 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
             eprintln!("checkpoint at step {step} written; continue with: metatrain train --resume {}", out.display());
             (step, None, true)
         }
-        Err((_, e)) => return Err(anyhow::Error::new(e).context("training failed")),
+        Err((step, e)) => {
+            // Keep what was computed: the state after `step` meta-steps is consistent.
+            match save_checkpoint(&trainer, &out, step) {
+                Ok(()) => eprintln!("checkpoint at step {step} written to {}", out.display()),
+                Err(c) => eprintln!("could not write a checkpoint: {c}"),
+            }
+            return Err(anyhow::Error::new(e).context("training failed"));
+        }
     };
     write_params(&out.join("params.safetensors"), &trainer.layout, &trainer.params)?;
     let report = Report {

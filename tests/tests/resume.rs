@@ -103,3 +103,64 @@ fn sigterm_checkpoints_and_an_incompatible_resume_is_refused() {
     assert!(lines.iter().any(|l| l.contains(&format!("step {stopped_at}"))), "resumed where it stopped");
     assert_eq!(read_report(&out)["final_step"], STEPS);
 }
+
+/// A loopback UDP port that was free a moment ago (for a coordinator that must come back on the same
+/// address after a restart).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("bind").port()
+}
+
+#[test]
+fn an_external_worker_rejoins_a_restarted_coordinator() {
+    let dir = scratch("rejoin");
+    let out = dir.join("run");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let mut cmd = noisy_linear_run(&out, STEPS, 5, 0);
+    cmd.args(["--set", "checkpoint.every=10", "--listen", &listen]);
+    let mut p = Proc::spawn(&mut cmd, "coordinator");
+    let m = p.wait_for(Duration::from_secs(30), metrics_address);
+    let (addr, fp) = p.wait_for(Duration::from_secs(30), coordinator_address);
+    let w = Proc::spawn(&mut worker(&addr, &fp, &out.join("tls"), "survivor"), "worker");
+    wait_for_steps(&m, 15.0, Duration::from_secs(120));
+    p.signal("KILL");
+    drop(p);
+    // Same address, same TLS directory (so the worker's pinned fingerprint still holds), no local
+    // workers: only the surviving worker can finish the run.
+    let mut c = train(&["--resume"]);
+    c.arg(&out).args(["--listen", &listen, "--local-workers", "0"]);
+    finish_ok(c);
+    assert_eq!(read_report(&out)["final_step"], STEPS);
+    let (status, lines) = w.finish(Duration::from_secs(30));
+    assert!(status.success(), "the worker ends cleanly with the run: {status}");
+    assert!(lines.iter().any(|l| l.contains("reconnecting")), "the worker said it reconnects");
+}
+
+#[test]
+fn a_run_stopped_during_its_final_evaluation_resumes_into_it() {
+    let dir = scratch("final-eval-resume");
+    let out = dir.join("run");
+    let mut cmd = noisy_linear_run(&out, 10, 5, 2);
+    // Enough held-out tasks that the final evaluation takes a few seconds.
+    cmd.args(["--set", "eval.final_tasks=30000"]);
+    let mut p = Proc::spawn(&mut cmd, "coordinator");
+    p.wait_for(Duration::from_secs(120), |l| l.contains("final evaluation on").then_some(()));
+    p.signal("TERM");
+    let (status, _) = p.finish(Duration::from_secs(60));
+    assert!(status.success());
+    let stopped = read_report(&out);
+    assert_eq!(stopped["interrupted"], true);
+    assert_eq!(stopped["final_step"], 10);
+    let lines = finish_ok({
+        let mut c = train(&["--resume"]);
+        c.arg(&out);
+        c
+    });
+    assert!(lines.iter().any(|l| l.contains("final evaluation on 30000")), "{lines:?}");
+    let report = read_report(&out);
+    assert_eq!(report["interrupted"], false);
+    assert_eq!(report["eval"]["tasks"], 30000);
+    // A finished run is not resumed again.
+    let o = train(&["--resume"]).arg(&out).output().expect("run");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already has 10 of 10"));
+}

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use metatrain_common::config::Config;
 use metatrain_common::layout::ModelSpec;
-use metatrain_common::net::{client_endpoint, read_frame, server_name, write_frame, Identity, ServerTrust};
-use metatrain_common::protocol::{Hello, Limits, Message, Mode, PROTOCOL_VERSION};
+use metatrain_common::net::{client_endpoint, read_frame, server_name, write_frame, Identity, NetError, ServerTrust};
+use metatrain_common::protocol::{Frame, Hello, Limits, Message, Mode, PROTOCOL_VERSION};
 use metatrain_common::tensor::{decode_f32, encode_f32};
 use tch::Device;
 
@@ -34,7 +34,7 @@ pub struct ClientOptions {
     pub threads: usize,
     pub device: Device,
     pub data_dir: Option<PathBuf>,
-    /// Keep trying to connect this long before giving up.
+    /// Keep trying to connect this long before giving up (at start and after a lost connection).
     pub connect_timeout: Duration,
 }
 
@@ -44,28 +44,107 @@ pub enum SessionEnd {
     Shutdown(String),
 }
 
-/// Connects (retrying until `connect_timeout`) and serves until the coordinator shuts the run down.
+/// Why a session stopped early.
+enum SessionError {
+    /// The connection was lost (coordinator killed or restarting, network cut): worth reconnecting.
+    Lost(anyhow::Error),
+    /// Refused, misconfigured or a protocol violation: reconnecting would not help.
+    Fatal(anyhow::Error),
+}
+
+/// Pause between connection attempts.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// QUIC close codes the coordinator uses for a refusal or a protocol error (see its server module).
+const CLOSE_PROTOCOL_ERROR: u32 = 1;
+const CLOSE_REFUSED: u32 = 2;
+
+/// Connects (retrying until `connect_timeout`) and serves until the coordinator shuts the run down. A
+/// lost connection is re-established (again for up to `connect_timeout`); tasks in flight on the lost
+/// one are reassigned by the coordinator.
 pub async fn run(opts: ClientOptions) -> Result<SessionEnd> {
     let endpoint = client_endpoint(&opts.trust, opts.identity.as_ref()).map_err(|e| anyhow!(e))?;
-    let deadline = Instant::now() + opts.connect_timeout;
-    let connection = loop {
+    // Connection attempts (including sessions lost before they were welcomed) stop at this deadline;
+    // each welcomed session that is later lost starts a new one.
+    let mut deadline = Instant::now() + opts.connect_timeout;
+    loop {
+        let connection = connect(&endpoint, &opts, deadline).await?;
+        let mut welcomed = false;
+        let result = serve(&connection, &opts, &mut welcomed).await;
+        let result = match result {
+            Ok(end) => Ok(end),
+            Err(e) => Err(classify(&connection, e)),
+        };
+        connection.close(0u32.into(), b"worker done");
+        match result {
+            Ok(end) => {
+                endpoint.wait_idle().await;
+                return Ok(end);
+            }
+            Err(SessionError::Lost(e)) if welcomed => {
+                metrics::counter!("metatrain_worker_reconnects_total").increment(1);
+                tracing::warn!(
+                    "lost the coordinator ({e:#}); reconnecting for up to {}s",
+                    opts.connect_timeout.as_secs()
+                );
+                deadline = Instant::now() + opts.connect_timeout;
+            }
+            Err(SessionError::Lost(e)) if Instant::now() < deadline => {
+                tracing::info!("connection to {} lost during the handshake ({e:#}); retrying", opts.coordinator);
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            Err(SessionError::Lost(e)) => {
+                endpoint.wait_idle().await;
+                return Err(e.context(format!("cannot join the coordinator at {}", opts.coordinator)));
+            }
+            Err(SessionError::Fatal(e)) => {
+                endpoint.wait_idle().await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+async fn connect(endpoint: &quinn::Endpoint, opts: &ClientOptions, deadline: Instant) -> Result<quinn::Connection> {
+    loop {
         let attempt = async { endpoint.connect(opts.coordinator, server_name())?.await.map_err(anyhow::Error::from) };
         match attempt.await {
-            Ok(c) => break c,
+            Ok(c) => return Ok(c),
             Err(e) if Instant::now() < deadline => {
                 tracing::info!("coordinator {} not reachable yet ({e}); retrying", opts.coordinator);
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(RETRY_PAUSE).await;
             }
             Err(e) => return Err(e.context(format!("cannot connect to the coordinator at {}", opts.coordinator))),
         }
-    };
-    let result = serve(&connection, &opts).await;
-    connection.close(0u32.into(), b"worker done");
-    endpoint.wait_idle().await;
-    result
+    }
 }
 
-async fn serve(connection: &quinn::Connection, opts: &ClientOptions) -> Result<SessionEnd> {
+/// A session error is worth a reconnect only when the connection itself failed, not when the
+/// coordinator refused us or we broke the protocol.
+fn classify(connection: &quinn::Connection, e: anyhow::Error) -> SessionError {
+    match connection.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == CLOSE_REFUSED.into() || c.error_code == CLOSE_PROTOCOL_ERROR.into() =>
+        {
+            let why = String::from_utf8_lossy(&c.reason).into_owned();
+            SessionError::Fatal(e.context(format!("the coordinator closed the connection: {why}")))
+        }
+        // A TLS alert (QUIC crypto error 0x100..=0x1ff): e.g. our certificate was not accepted.
+        Some(quinn::ConnectionError::ConnectionClosed(c)) if (0x100..0x200).contains(&u64::from(c.error_code)) => {
+            SessionError::Fatal(e.context(format!(
+                "the coordinator refused the TLS handshake ({c}); does this worker have a certificate from the cluster's CA (--cert/--key)?"
+            )))
+        }
+        Some(quinn::ConnectionError::TimedOut)
+        | Some(quinn::ConnectionError::Reset)
+        | Some(quinn::ConnectionError::ConnectionClosed(_))
+        | Some(quinn::ConnectionError::ApplicationClosed(_)) => SessionError::Lost(e),
+        _ => SessionError::Fatal(e),
+    }
+}
+
+/// One session; sets `welcomed` once the coordinator accepted this worker.
+async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &mut bool) -> Result<SessionEnd> {
     let (mut send, mut recv) = connection.open_bi().await.context("opening the control stream")?;
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -80,6 +159,7 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions) -> Result<S
         Some(other) => bail!("expected Welcome, got {}", other.kind()),
         None => bail!("the coordinator closed the control stream during the handshake"),
     };
+    *welcomed = true;
     let config = Config::from_toml(&welcome.config_toml).context("the coordinator sent an invalid config")?;
     let spec = ModelSpec::from_config(&config);
     let layout = spec.layout();
@@ -101,12 +181,15 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions) -> Result<S
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
     let _threads = spawn_pool(ctx, opts.capacity, opts.threads, job_rx, out_tx);
-    let limits = Limits::with_payload(numel as u64 * 4);
+    // The control stream is read by a task of its own: a frame is never dropped half-read because an
+    // outcome became ready (as it would be if `read_frame` raced `out_rx` in one `select!`).
+    let control = ControlReader::spawn(recv, Limits::with_payload(numel as u64 * 4));
+    let mut frames = control.frames;
     let mut versions: BTreeMap<u64, Arc<Vec<f32>>> = BTreeMap::new();
     loop {
         tokio::select! {
-            frame = read_frame(&mut recv, &limits) => {
-                let Some(frame) = frame? else { bail!("the coordinator closed the control stream") };
+            frame = frames.recv() => {
+                let Some(frame) = frame.transpose()? else { bail!("the coordinator closed the control stream") };
                 match frame.message {
                     Message::Params { version, dtype, .. } => {
                         // The length is checked against this worker's own layout, not the header's claim.
@@ -131,6 +214,31 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions) -> Result<S
             }
             Some(outcome) = out_rx.recv() => send_outcome(connection, outcome).await?,
         }
+    }
+}
+
+/// Reads control frames on a task of its own and hands them over whole. `None` from `frames`: the
+/// coordinator finished the stream cleanly. Dropping the reader stops its task.
+struct ControlReader {
+    frames: tokio::sync::mpsc::Receiver<Result<Frame, NetError>>,
+}
+
+impl ControlReader {
+    fn spawn(mut recv: quinn::RecvStream, limits: Limits) -> ControlReader {
+        // Two frames of look-ahead (Params then Assign) is all the pipelining the protocol has.
+        let (tx, frames) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            loop {
+                let next = read_frame(&mut recv, &limits).await.transpose();
+                let Some(next) = next else { return };
+                let failed = next.is_err();
+                // The session ended (receiver dropped), or the stream failed: stop.
+                if tx.send(next).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        ControlReader { frames }
     }
 }
 
