@@ -150,3 +150,30 @@ fn grad_command_refuses_bad_inputs_clearly() {
     assert!(!o.status.success() && err.contains("has no tensor named"), "names the missing tensor: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn grad_command_refuses_non_finite_data_and_too_many_steps() {
+    let dir = scratch("grad-cli-nan");
+    let run = |data: &[(String, Vec<usize>, Vec<f64>)], steps: &str| {
+        write_f64(&dir.join("data.safetensors"), data);
+        let o = Command::new(binary("metatrain-worker"))
+            .args(["grad", "--model", "mlp", "--algo", "maml", "--inner-steps", steps, "--inner-lr", "0.1"])
+            .arg("--params")
+            .arg(dir.join("missing.safetensors"))
+            .arg("--data")
+            .arg(dir.join("data.safetensors"))
+            .arg("--out")
+            .arg(dir.join("g.safetensors"))
+            .output()
+            .expect("run");
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let mut x = vec![0.5; 3];
+    x[1] = f64::NAN;
+    let err = run(&[("support_x".to_string(), vec![3, 1], x)], "1");
+    assert!(err.contains("support_x contains NaN or infinite values"), "{err}");
+    let err = run(&[("support_x".to_string(), vec![3, 1], vec![0.5; 3])], "1000000");
+    assert!(err.contains("--inner-steps must be at most 1000"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

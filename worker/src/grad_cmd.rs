@@ -69,13 +69,28 @@ fn read(path: &PathBuf) -> Result<Vec<(String, Tensor)>> {
     Tensor::read_safetensors(path).with_context(|| format!("cannot read {} as safetensors", path.display()))
 }
 
+/// The tensor `name` of `path`, which must hold f32 or f64 values, all finite.
 fn take(tensors: &[(String, Tensor)], name: &str, path: &PathBuf) -> Result<Tensor> {
-    tensors
+    let t = tensors
         .iter()
         .find(|(n, _)| n == name)
         .map(|(_, t)| t.shallow_clone())
-        .with_context(|| format!("{} has no tensor named {name:?}", path.display()))
+        .with_context(|| format!("{} has no tensor named {name:?}", path.display()))?;
+    if !matches!(t.kind(), Kind::Float | Kind::Double) {
+        bail!("{}: {name} must be f32 or f64, got {:?}", path.display(), t.kind());
+    }
+    if !all_finite(&t) {
+        bail!("{}: {name} contains NaN or infinite values", path.display());
+    }
+    Ok(t)
 }
+
+fn all_finite(t: &Tensor) -> bool {
+    t.numel() == 0 || t.isfinite().all().int64_value(&[]) == 1
+}
+
+/// Most inner steps accepted (the same bound as the config's `algo.inner_steps`).
+const MAX_INNER_STEPS: usize = 1000;
 
 pub fn run(args: GradArgs) -> Result<()> {
     if let Some(c) = args.clamp {
@@ -86,12 +101,12 @@ pub fn run(args: GradArgs) -> Result<()> {
     if !args.inner_lr.is_finite() {
         bail!("--inner-lr must be finite");
     }
+    if args.inner_steps > MAX_INNER_STEPS {
+        bail!("--inner-steps must be at most {MAX_INNER_STEPS}, got {}", args.inner_steps);
+    }
     let data = read(&args.data)?;
     let support_x = take(&data, "support_x", &args.data)?;
     let kind = support_x.kind();
-    if kind != Kind::Float && kind != Kind::Double {
-        bail!("support_x must be f32 or f64, got {kind:?}");
-    }
     let sx = support_x.size();
     if sx.len() != 2 || sx[0] == 0 {
         bail!("support_x must be [n, features] with n > 0, got {sx:?}");
@@ -144,6 +159,9 @@ pub fn run(args: GradArgs) -> Result<()> {
         }
         out.push(("query_loss".into(), scalar(r.post_loss)));
         out.push(("pre_adapt_loss".into(), scalar(r.pre_loss)));
+    }
+    if let Some((name, _)) = out.iter().find(|(_, t)| !all_finite(t)) {
+        bail!("the result is not finite ({name} has NaN or infinite values): the inner loop diverged; lower --inner-lr or set --clamp");
     }
     let refs: Vec<(&str, &Tensor)> = out.iter().map(|(n, t)| (n.as_str(), t)).collect();
     Tensor::write_safetensors(&refs, &args.out).with_context(|| format!("cannot write {}", args.out.display()))?;
