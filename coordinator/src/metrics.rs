@@ -68,3 +68,76 @@ pub fn describe() {
     );
     describe_gauge!("metatrain_checkpoint_step", "Meta-step of the last checkpoint.");
 }
+
+/// Every `metatrain_results_rejected_total` reason (see `aggregate::Rejection::reason` and `run`).
+pub const REJECTION_REASONS: &[&str] = &[
+    "not_assigned",
+    "wrong_version_or_mode",
+    "non_finite_gradient",
+    "wrong_shape",
+    "non_finite_loss",
+    "bad_accuracy",
+    "missing_gradient",
+    "unexpected_gradient",
+    "duplicate",
+    "stale_version",
+];
+
+/// Exports every counter at 0 with each of its known label values, so that dashboards and alerts see
+/// 0 rather than "no data" before the first event (Prometheus practice for known label sets).
+pub fn init_counters() {
+    for name in [
+        "metatrain_meta_steps_total",
+        "metatrain_workers_joined_total",
+        "metatrain_workers_lost_total",
+        "metatrain_workers_quarantined_total",
+        "metatrain_meta_grad_clipped_total",
+        "metatrain_tasks_reassigned_total",
+        "metatrain_tasks_failed_total",
+        "metatrain_tasks_duplicated_total",
+        "metatrain_sent_bytes_total",
+        "metatrain_received_bytes_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for mode in ["train", "eval"] {
+        metrics::counter!("metatrain_tasks_completed_total", "mode" => mode).absolute(0);
+    }
+    for reason in REJECTION_REASONS {
+        metrics::counter!("metatrain_results_rejected_total", "reason" => *reason).absolute(0);
+    }
+    metrics::gauge!("metatrain_workers_connected").set(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::REJECTION_REASONS;
+    use crate::aggregate::Rejection;
+    use metatrain_common::tensor::{Dtype, TensorError};
+
+    #[test]
+    fn every_rejection_reason_is_initialised() {
+        let all = [
+            Rejection::NonFiniteLoss,
+            Rejection::BadAccuracy,
+            Rejection::Gradient(TensorError::NonFinite { index: 0, value: f32::NAN }),
+            Rejection::Gradient(TensorError::WrongLength { expected: 2, got: 1 }),
+            Rejection::Gradient(TensorError::Ragged { bytes: 3, dtype: Dtype::F32 }),
+            Rejection::MissingGradient,
+            Rejection::UnexpectedGradient,
+            Rejection::WrongVersionOrMode,
+        ];
+        for r in all {
+            // A new variant must be added here (the match is exhaustive) and to REJECTION_REASONS.
+            match r {
+                Rejection::NonFiniteLoss
+                | Rejection::BadAccuracy
+                | Rejection::Gradient(_)
+                | Rejection::MissingGradient
+                | Rejection::UnexpectedGradient
+                | Rejection::WrongVersionOrMode => {}
+            }
+            assert!(REJECTION_REASONS.contains(&r.reason()), "{} missing", r.reason());
+        }
+    }
+}

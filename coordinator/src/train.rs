@@ -228,6 +228,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
             .with_context(|| format!("--metrics-addr {:?}: expected HOST:PORT or none", args.metrics_addr))?;
         let handle = install_prometheus().map_err(anyhow::Error::msg)?;
         crate::metrics::describe();
+        crate::metrics::init_counters();
         let bound = serve_metrics(addr, handle).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
         eprintln!("metrics: http://{bound}/metrics");
     }

@@ -209,4 +209,16 @@ fn describe_metrics() {
         Unit::Bytes,
         "Gradient payload bytes sent to the coordinator."
     );
+    describe_counter!("metatrain_worker_reconnects_total", "Sessions re-established after losing the coordinator.");
+    for name in [
+        "metatrain_worker_tasks_failed_total",
+        "metatrain_worker_params_received_total",
+        "metatrain_worker_sent_bytes_total",
+        "metatrain_worker_reconnects_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for mode in ["train", "eval"] {
+        metrics::counter!("metatrain_worker_tasks_completed_total", "mode" => mode).absolute(0);
+    }
 }

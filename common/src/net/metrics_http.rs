@@ -20,9 +20,9 @@ pub const HISTOGRAM_SECONDS_BUCKETS: &[f64] =
 const MAX_REQUEST_BYTES: usize = 8192;
 /// Scrapes served at once (Prometheus needs one; a few dashboards and curls fit).
 const MAX_CONNECTIONS: usize = 32;
-/// A client that has not sent its request by then is dropped.
+/// Pause after a failed accept (e.g. out of descriptors) instead of spinning on the error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// A client must send its whole request this soon.
+/// A client that has not sent its whole request by then is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Installs the global Prometheus recorder (once per process) and returns its handle.
