@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the other scripts: where libtorch lives and how cargo finds it.
 # METATRAIN_CACHE (default ~/.cache/metatrain) holds libtorch outside the checkout so every clone reuses it.
 METATRAIN_CACHE="${METATRAIN_CACHE:-$HOME/.cache/metatrain}"

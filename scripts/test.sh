@@ -6,12 +6,27 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$here/scripts/env.sh"
 
-# promtool checks the /metrics exposition format (Debian package `prometheus`).
-if ! command -v promtool >/dev/null 2>&1; then
+# promtool checks the /metrics exposition format, the dashboard's queries and the Prometheus config
+# (Debian package `prometheus`); shellcheck checks the Slurm and Kubernetes scripts.
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "metatrain test: installing promtool (apt-get install prometheus)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
-      || echo "warning: could not install promtool; the exposition-format check will be skipped outside CI" >&2
+    echo "metatrain test: installing ${missing[*]} (apt-get)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null) \
+      || echo "warning: could not install ${missing[*]}; checks that need them are skipped outside CI" >&2
+  fi
+fi
+# yamllint and kubernetes-validate (with its bundled Kubernetes schemas) validate deploy/ offline.
+pytools="${METATRAIN_PYTOOLS:-$HOME/.cache/metatrain/pytools}"
+if [ ! -f "$pytools/.installed-1" ]; then
+  echo "metatrain test: installing yamllint and kubernetes-validate into $pytools"
+  if python3 -m pip install -q --disable-pip-version-check --target "$pytools" \
+      kubernetes-validate==1.37.0 yamllint==1.38.0; then
+    touch "$pytools/.installed-1"
+  else
+    echo "warning: could not install yamllint/kubernetes-validate; deploy/ checks are skipped outside CI" >&2
   fi
 fi
 
