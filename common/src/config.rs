@@ -64,6 +64,17 @@ pub enum TaskConfig {
     Omniglot(OmniglotTaskConfig),
 }
 
+impl TaskConfig {
+    /// A short description: `sinusoid`, `noisy-linear`, `omniglot 5-way 1-shot`.
+    pub fn describe(&self) -> String {
+        match self {
+            TaskConfig::Sinusoid(_) => "sinusoid".into(),
+            TaskConfig::NoisyLinear(_) => "noisy-linear".into(),
+            TaskConfig::Omniglot(o) => format!("omniglot {}-way {}-shot", o.n_way, o.k_shot),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegressionTaskConfig {

@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod local;
 pub mod metrics;
 pub mod optim;
+pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod run;

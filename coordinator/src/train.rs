@@ -342,6 +342,10 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
         max_workers: trainer.max_workers,
     };
     write_json_atomic(&out.join("report.json"), &report)?;
+    let title = format!("{} · {} · {}", config.task.describe(), config.algo.name.name(), config.model.name.name());
+    if let Err(e) = crate::plot::write_loss_plots(&out, &title) {
+        tracing::warn!("could not draw the loss plots: {e:#}");
+    }
     print_summary(&report, &out);
     tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await.ok();
     Ok(out)
@@ -466,5 +470,5 @@ fn print_summary(r: &Report, out: &Path) {
         println!("(interrupted: no final evaluation)");
     }
     println!("params_sha256 {}", r.params_sha256);
-    println!("wrote {}/report.json, metrics.csv, params.safetensors", out.display());
+    println!("wrote {}/report.json, metrics.csv, params.safetensors, loss.png, loss.svg", out.display());
 }
