@@ -9,6 +9,8 @@
 //! - [`run`]: the training loop that feeds server events and ticks to the cores above.
 //! - [`chaos`]: `metatrain chaos`, a failure-injection run compared with an undisturbed one.
 //! - [`certs`]: `metatrain certs init|issue`, the cluster CA and certificates.
+//! - [`status`]: `metatrain status ADDR`, a running coordinator's state from its /metrics.
+//! - [`plot`]: loss curves (PNG, SVG) from a run's metrics.csv.
 //! - [`train`]: `metatrain train` (set-up, loop, output); [`report`], [`progress`], [`local`], [`metrics`].
 //!
 //! Flow: `sampler` → `scheduler` → `server` (Params/Assign out, Result in) → `aggregate` → `optim`.
@@ -27,4 +29,5 @@ pub mod run;
 pub mod sampler;
 pub mod scheduler;
 pub mod server;
+pub mod status;
 pub mod train;

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use metatrain_coordinator::certs::{self, CertsCommand};
 use metatrain_coordinator::chaos;
+use metatrain_coordinator::status::{self, StatusArgs};
 use metatrain_coordinator::train::{self, TrainArgs};
 
 #[derive(Parser)]
@@ -28,6 +29,8 @@ enum Command {
     /// Make the cluster's CA and certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Show what a running coordinator is doing: step, losses, workers, tasks (from its /metrics).
+    Status(StatusArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Certs(cmd) => certs::run(cmd)?,
         Command::Chaos(args) => chaos::run(args)?,
+        Command::Status(args) => status::run(args)?,
     }
     Ok(())
 }

@@ -89,6 +89,16 @@ fn coordinator_and_worker_metrics_pass_promtool() {
     catalogue_matches(&[&coord_text, &worker_text]);
     dashboard_queries_parse_and_name_exported_metrics(&dir, &[&coord_text, &worker_text]);
 
+    // `metatrain status` reads the same endpoint; pointed at a worker's, it says so.
+    let out = Command::new(binary("metatrain")).args(["status", &coord_metrics]).output().expect("status");
+    let status_text = String::from_utf8_lossy(&out.stdout);
+    println!("{status_text}");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(status_text.contains("1 connected") && status_text.contains("probe"), "{status_text}");
+    assert!(status_text.contains("meta-test loss"), "{status_text}");
+    let out = Command::new(binary("metatrain")).args(["status", &worker_metrics]).output().expect("status");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not a metatrain coordinator"));
+
     // Ctrl-C: the coordinator stops, tells the worker, and still writes its report.
     coord.signal("INT");
     let (status, _) = coord.finish(Duration::from_secs(30));
