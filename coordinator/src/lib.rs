@@ -9,6 +9,7 @@
 //! - [`run`]: the training loop that feeds server events and ticks to the cores above.
 //! - [`chaos`]: `metatrain chaos`, a failure-injection run compared with an undisturbed one.
 //! - [`certs`]: `metatrain certs init|issue`, the cluster CA and certificates.
+//! - [`sweep`]: `metatrain sweep`, queued runs over a grid or list on one shared worker pool.
 //! - [`status`]: `metatrain status ADDR`, a running coordinator's state from its /metrics.
 //! - [`plot`]: loss curves (PNG, SVG) from a run's metrics.csv.
 //! - [`train`]: `metatrain train` (set-up, loop, output); [`report`], [`progress`], [`local`], [`metrics`].
@@ -30,4 +31,5 @@ pub mod sampler;
 pub mod scheduler;
 pub mod server;
 pub mod status;
+pub mod sweep;
 pub mod train;

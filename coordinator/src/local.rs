@@ -54,7 +54,13 @@ pub struct LocalSpec<'a> {
     /// Tasks each worker computes at once (one compute thread each).
     pub capacity: usize,
     pub data_dir: Option<&'a Path>,
+    /// Keep serving run after run on the same address (`metatrain-worker run --stay`): the worker pool
+    /// of a sweep.
+    pub stay: bool,
 }
+
+/// How long a sweep's workers wait for the next run's coordinator.
+const STAY_CONNECT_TIMEOUT_SECS: u64 = 300;
 
 impl LocalWorkers {
     pub fn spawn(spec: &LocalSpec<'_>) -> Result<Self> {
@@ -94,6 +100,9 @@ impl LocalWorkers {
             if let Some(d) = spec.data_dir {
                 cmd.arg("--data-dir").arg(d);
             }
+            if spec.stay {
+                cmd.arg("--stay").arg("--connect-timeout").arg(STAY_CONNECT_TIMEOUT_SECS.to_string());
+            }
             // Local workers' routine logs would interleave with the coordinator's; warnings still show.
             if std::env::var_os("RUST_LOG").is_none() {
                 cmd.env("RUST_LOG", "warn");
@@ -122,6 +131,13 @@ impl LocalWorkers {
             if tokio::time::timeout(std::time::Duration::from_secs(5), c.wait()).await.is_err() {
                 let _ = c.kill().await;
             }
+        }
+    }
+
+    /// Kills the workers at once (a sweep's `--stay` workers never exit by themselves).
+    pub async fn stop_now(mut self) {
+        for c in &mut self.children {
+            let _ = c.kill().await;
         }
     }
 }

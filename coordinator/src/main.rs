@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use metatrain_coordinator::certs::{self, CertsCommand};
 use metatrain_coordinator::chaos;
 use metatrain_coordinator::status::{self, StatusArgs};
+use metatrain_coordinator::sweep::{self, SweepArgs};
 use metatrain_coordinator::train::{self, TrainArgs};
 
 #[derive(Parser)]
@@ -29,6 +30,8 @@ enum Command {
     /// Make the cluster's CA and certificates for mutual TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Run many trainings over a grid or list of settings on one worker pool; summary table and plot.
+    Sweep(SweepArgs),
     /// Show what a running coordinator is doing: step, losses, workers, tasks (from its /metrics).
     Status(StatusArgs),
 }
@@ -49,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Certs(cmd) => certs::run(cmd)?,
         Command::Chaos(args) => chaos::run(args)?,
         Command::Status(args) => status::run(args)?,
+        Command::Sweep(args) => rt.block_on(sweep::run(args))?,
     }
     Ok(())
 }

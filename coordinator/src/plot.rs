@@ -72,7 +72,7 @@ pub fn write_loss_plots(dir: &Path, title: &str) -> Result<()> {
     Ok(())
 }
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         for style in [FontStyle::Normal, FontStyle::Bold] {
@@ -168,6 +168,89 @@ where
         let color = RGBColor(30, 140, 60);
         chart.draw_series(LineSeries::new(c.eval_accuracy.iter().copied(), color.stroke_width(3))).map_err(err)?;
         chart.draw_series(c.eval_accuracy.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// `<stem>.png` and `<stem>.svg`: one horizontal bar per run with its 95 % confidence interval, e.g. the
+/// held-out post-adaptation loss of each run of a sweep. `bars`: (label, value, ci95).
+pub fn write_comparison_plot(stem: &Path, title: &str, x_desc: &str, bars: &[(String, f64, f64)]) -> Result<()> {
+    let bars: Vec<&(String, f64, f64)> = bars.iter().filter(|b| b.1.is_finite() && b.2.is_finite()).collect();
+    if bars.is_empty() {
+        return Ok(());
+    }
+    register_font();
+    let size = (1000, 110 + 34 * bars.len() as u32);
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    draw_bars(BitMapBackend::new(&png, size).into_drawing_area(), title, x_desc, &bars)
+        .with_context(|| format!("drawing {}", png.display()))?;
+    draw_bars(SVGBackend::new(&svg, size).into_drawing_area(), title, x_desc, &bars)
+        .with_context(|| format!("drawing {}", svg.display()))?;
+    Ok(())
+}
+
+fn draw_bars<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    x_desc: &str,
+    bars: &[&(String, f64, f64)],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e:?}");
+    root.fill(&WHITE).map_err(err)?;
+    let x_max = bars.iter().map(|b| b.1 + b.2).fold(0.0, f64::max) * 1.1 + 1e-12;
+    let x_min = bars.iter().map(|b| b.1).filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min);
+    let n = bars.len();
+    let label_width = bars.iter().map(|b| b.0.len()).max().unwrap_or(4).min(48) as u32 * 8 + 10;
+    // First run at the top.
+    let names: Vec<String> = bars.iter().rev().map(|b| b.0.clone()).collect();
+    let y_label = |y: &f64| {
+        let i = y.round();
+        if (y - i).abs() < 1e-6 && i >= 0.0 {
+            names.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let mut builder = ChartBuilder::on(&root);
+    builder.caption(title, ("sans-serif", 20)).margin(12).x_label_area_size(36).y_label_area_size(label_width);
+    macro_rules! bars_on {
+        ($chart:expr, $floor:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .disable_y_mesh()
+                .x_desc(x_desc)
+                .y_labels(n)
+                .y_label_formatter(&y_label)
+                .x_label_formatter(&|x| short(*x))
+                .label_style(("sans-serif", 13))
+                .draw()
+                .map_err(err)?;
+            let fill = RGBColor(31, 90, 200);
+            for (i, b) in bars.iter().enumerate() {
+                let (v, ci) = (b.1, b.2);
+                let y = (n - 1 - i) as f64;
+                let bar = Rectangle::new([($floor, y - 0.3), (v.max($floor), y + 0.3)], fill.mix(0.7).filled());
+                chart.draw_series(std::iter::once(bar)).map_err(err)?;
+                let (lo, hi) = ((v - ci).max($floor), v + ci);
+                let whisker = PathElement::new(vec![(lo, y), (hi, y)], BLACK.stroke_width(2));
+                chart.draw_series(std::iter::once(whisker)).map_err(err)?;
+                let caps = [vec![(lo, y - 0.15), (lo, y + 0.15)], vec![(hi, y - 0.15), (hi, y + 0.15)]];
+                chart.draw_series(caps.into_iter().map(|c| PathElement::new(c, BLACK.stroke_width(2)))).map_err(err)?;
+            }
+        }};
+    }
+    let y_range = -0.5..n as f64 - 0.5;
+    // A log scale when the values span more than 20× (a diverged run next to good ones).
+    if x_min.is_finite() && x_max / x_min > 20.0 {
+        let floor = x_min * 0.5;
+        bars_on!(builder.build_cartesian_2d((floor..x_max).log_scale(), y_range).map_err(err)?, floor);
+    } else {
+        bars_on!(builder.build_cartesian_2d(0.0..x_max, y_range).map_err(err)?, 0.0);
     }
     Ok(())
 }

@@ -43,9 +43,12 @@ impl Scrape {
         Scrape { samples }
     }
 
-    /// An unlabelled sample.
+    /// The sample of `name` (a gauge of one coordinator has one, with whatever global labels it carries).
     pub fn get(&self, name: &str) -> Option<f64> {
-        self.samples.get(name).copied()
+        self.samples
+            .iter()
+            .find(|(k, _)| k.strip_prefix(name).is_some_and(|rest| rest.is_empty() || rest.starts_with('{')))
+            .map(|(_, v)| *v)
     }
 
     /// The sum over every label set of `name`.
@@ -193,13 +196,13 @@ metatrain_worker_results_total{worker=\"local-1\"} 60
 metatrain_results_rejected_total{reason=\"duplicate\"} 0
 ";
     const B: &str = "metatrain_meta_steps_total 14
-metatrain_params_version 14
+metatrain_params_version{run=\"a\"} 14
 metatrain_meta_train_loss 0.25
 metatrain_meta_train_pre_adapt_loss 3
 metatrain_workers_connected 2
 metatrain_tasks_completed_total{mode=\"train\"} 140
 metatrain_tasks_completed_total{mode=\"eval\"} 20
-metatrain_worker_results_total{worker=\"local-0\"} 90
+metatrain_worker_results_total{run=\"a\",worker=\"local-0\"} 90
 metatrain_worker_results_total{worker=\"local-1\"} 70
 metatrain_results_rejected_total{reason=\"duplicate\"} 3
 ";

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use metatrain_common::config::Config;
 use metatrain_common::layout::params_sha256;
-use metatrain_common::net::{install_prometheus, load_or_init_coordinator, serve_metrics, server_endpoint};
+use metatrain_common::net::{install_prometheus_labelled, load_or_init_coordinator, serve_metrics, server_endpoint};
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{self, Checkpoint};
@@ -76,6 +76,27 @@ pub struct TrainArgs {
     /// trajectory (train.steps, eval.*, cluster.*, checkpoint.*).
     #[arg(long, value_name = "DIR", conflicts_with = "out")]
     pub resume: Option<PathBuf>,
+    /// Add `KEY=VALUE` as a label to every exported metric (`metatrain sweep` labels each run with
+    /// `run=NAME`). Repeatable.
+    #[arg(long = "metrics-label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub metrics_labels: Vec<(String, String)>,
+}
+
+/// A Prometheus label: a name of letters, digits and `_` (not starting with a digit or `__`) and a
+/// value of at most 128 printable characters.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    let name_ok = !k.is_empty()
+        && !k.starts_with("__")
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !name_ok {
+        return Err(format!("{k:?} is not a Prometheus label name (letters, digits, _)"));
+    }
+    if v.len() > 128 || v.chars().any(|c| c.is_control()) {
+        return Err("label values must be at most 128 printable characters".into());
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 impl TrainArgs {
@@ -132,7 +153,7 @@ pub fn utc_stamp() -> String {
 
 /// Takes `out/.lock` (an exclusive `flock`, released when the process ends, however it ends), so two
 /// processes never write one run directory.
-fn lock_run_dir(out: &Path) -> Result<std::fs::File> {
+pub(crate) fn lock_run_dir(out: &Path) -> Result<std::fs::File> {
     use std::os::unix::io::AsRawFd;
     let path = out.join(".lock");
     let file = std::fs::OpenOptions::new()
@@ -198,7 +219,7 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<C
 }
 
 /// Whether `dir/report.json` is a finished run's (not an interrupted one's).
-fn report_is_final(dir: &Path) -> bool {
+pub(crate) fn report_is_final(dir: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string(dir.join("report.json")) else { return false };
     serde_json::from_str::<serde_json::Value>(&text)
         .ok()
@@ -226,7 +247,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
             .metrics_addr
             .parse()
             .with_context(|| format!("--metrics-addr {:?}: expected HOST:PORT or none", args.metrics_addr))?;
-        let handle = install_prometheus().map_err(anyhow::Error::msg)?;
+        let handle = install_prometheus_labelled(&args.metrics_labels).map_err(anyhow::Error::msg)?;
         crate::metrics::describe();
         crate::metrics::init_counters();
         let bound = serve_metrics(addr, handle).await.with_context(|| format!("cannot serve metrics on {addr}"))?;
@@ -288,6 +309,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
             threads,
             capacity,
             data_dir: args.data_dir.as_deref(),
+            stay: false,
         };
         eprintln!(
             "starting {} local worker(s) ({capacity} task(s) at once, {threads} thread(s) per task)",

@@ -56,7 +56,7 @@ fn coordinator_and_worker_metrics_pass_promtool() {
             .arg("--config")
             .arg(root().join("configs/sinusoid.toml"))
             .args(["--steps", "100000", "--set", "eval.every=20", "--set", "eval.tasks=10", "--local-workers", "0"])
-            .args(["--set", "checkpoint.every=5"])
+            .args(["--set", "checkpoint.every=5", "--metrics-label", "run=probe-run"])
             .arg("--out")
             .arg(dir.join("run")),
         "coordinator",
@@ -70,7 +70,7 @@ fn coordinator_and_worker_metrics_pass_promtool() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let coord_text = loop {
         let t = scrape(&coord_metrics);
-        if t.contains("metatrain_meta_test_loss ") && COORDINATOR_METRICS.iter().all(|m| t.contains(m)) {
+        if t.contains("metatrain_meta_test_loss{") && COORDINATOR_METRICS.iter().all(|m| t.contains(m)) {
             break t;
         }
         assert!(Instant::now() < deadline, "coordinator metrics incomplete:\n{t}");
@@ -83,7 +83,7 @@ fn coordinator_and_worker_metrics_pass_promtool() {
     for m in WORKER_METRICS {
         assert!(worker_text.contains(m) && has_help(&worker_text, m), "worker lacks {m}:\n{worker_text}");
     }
-    assert!(coord_text.contains("metatrain_workers_connected 1"));
+    assert!(coord_text.contains("metatrain_workers_connected{run=\"probe-run\"} 1"), "labelled: {coord_text}");
     promtool(&coord_text, "the coordinator");
     promtool(&worker_text, "the worker");
     catalogue_matches(&[&coord_text, &worker_text]);

@@ -36,6 +36,9 @@ pub struct ClientOptions {
     pub data_dir: Option<PathBuf>,
     /// Keep trying to connect this long before giving up (at start and after a lost connection).
     pub connect_timeout: Duration,
+    /// After a run ends, wait (up to `connect_timeout`) for the next one on the same address instead of
+    /// exiting: a worker pool shared by the runs of a sweep.
+    pub stay: bool,
 }
 
 /// How a session ended.
@@ -52,6 +55,8 @@ enum SessionError {
     Fatal(anyhow::Error),
 }
 
+/// With `stay`, pause after a run ends before connecting to the next one.
+const NEXT_RUN_PAUSE: Duration = Duration::from_secs(1);
 /// Pause between connection attempts.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -77,6 +82,15 @@ pub async fn run(opts: ClientOptions) -> Result<SessionEnd> {
         };
         connection.close(0u32.into(), b"worker done");
         match result {
+            Ok(SessionEnd::Shutdown(reason)) if opts.stay => {
+                tracing::info!(
+                    "the run ended ({reason}); waiting up to {}s for the next one",
+                    opts.connect_timeout.as_secs()
+                );
+                deadline = Instant::now() + opts.connect_timeout;
+                // Let the finished coordinator close its endpoint before knocking again.
+                tokio::time::sleep(NEXT_RUN_PAUSE).await;
+            }
             Ok(end) => {
                 endpoint.wait_idle().await;
                 return Ok(end);

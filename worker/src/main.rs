@@ -87,9 +87,14 @@ struct RunArgs {
     /// Where to serve Prometheus /metrics (`none` to disable). Port 0 picks a free port, printed at start.
     #[arg(long, default_value = "127.0.0.1:0")]
     metrics_addr: String,
-    /// Keep retrying the first connection this many seconds.
+    /// Keep trying to connect this many seconds: at start, after losing the coordinator, and (with
+    /// --stay) between runs.
     #[arg(long, default_value_t = 30)]
     connect_timeout: u64,
+    /// Serve run after run: when a run ends, wait for the next coordinator on the same address (as
+    /// `metatrain sweep` does with its worker pool) instead of exiting.
+    #[arg(long)]
+    stay: bool,
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -169,6 +174,7 @@ fn run(args: RunArgs) -> Result<()> {
             device: args.device,
             data_dir: args.data_dir,
             connect_timeout: Duration::from_secs(args.connect_timeout),
+            stay: args.stay,
         };
         match client::run(opts).await? {
             client::SessionEnd::Shutdown(reason) => tracing::info!("coordinator ended the run: {reason}"),

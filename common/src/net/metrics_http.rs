@@ -27,11 +27,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Installs the global Prometheus recorder (once per process) and returns its handle.
 pub fn install_prometheus() -> Result<PrometheusHandle, String> {
-    PrometheusBuilder::new()
+    install_prometheus_labelled(&[])
+}
+
+/// As [`install_prometheus`], with labels added to every metric (e.g. `run` for the runs of a sweep).
+pub fn install_prometheus_labelled(labels: &[(String, String)]) -> Result<PrometheusHandle, String> {
+    let mut builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_string()), HISTOGRAM_SECONDS_BUCKETS)
-        .map_err(|e| e.to_string())?
-        .install_recorder()
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    for (k, v) in labels {
+        builder = builder.add_global_label(k, v);
+    }
+    builder.install_recorder().map_err(|e| e.to_string())
 }
 
 /// Binds `addr` and serves `GET /metrics` until the task is dropped. Returns the bound address.

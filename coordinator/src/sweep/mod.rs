@@ -1,0 +1,220 @@
+//! `metatrain sweep --config SWEEP.toml`: many runs over hyper-parameters or task distributions, queued
+//! one after another on one shared worker pool.
+//!
+//! - [`plan`]: the sweep file and the runs it expands to (no I/O).
+//! - [`summary`]: summary.csv, summary.md and the comparison plot.
+//!
+//! Each run is a child `metatrain train` process with its own run directory (`<out>/<run>/`), all on
+//! one QUIC address and one TLS directory (`<out>/tls`), so the pool's workers (`metatrain-worker run
+//! --stay`, started once; or external ones given the printed address) move from run to run without
+//! restarting. Every metric of a run carries the label `run=<name>` (bounded: at most
+//! [`plan::MAX_RUNS`] values). Re-running the same sweep skips finished runs and resumes interrupted
+//! ones from their checkpoints. Ctrl-C lets the current run checkpoint, then stops the sweep.
+
+pub mod plan;
+pub mod summary;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use metatrain_common::config::Config;
+use metatrain_common::net::load_or_init_coordinator;
+
+use crate::local::{find_worker_binary, LocalSpec, LocalWorkers};
+use plan::SweepFile;
+use summary::{Outcome, Row};
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    /// The sweep file (TOML): `base` config, `[set]` overrides for every run, a `[grid]` of values
+    /// and/or `[[runs]]` with names; see the README and configs/sweep-noisy-linear.toml.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Sweep directory: one sub-directory per run, plus summary.csv, summary.md, comparison.png/.svg.
+    /// Default: runs/<sweep file name> (prefixed `sweep-` unless it starts so). Re-running into it skips finished runs.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Worker processes on this machine, shared by all runs (0: only external workers).
+    #[arg(long, default_value_t = 2)]
+    pub local_workers: usize,
+    /// QUIC address every run listens on (workers stay connected to it across runs). Default: a free
+    /// loopback port; for external workers use e.g. 0.0.0.0:7070.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Where each run serves /metrics (port 0: a free port per run, printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_addr: String,
+    /// Data directory for Omniglot (passed to the local workers).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Only print the runs the sweep expands to.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+pub async fn run(args: SweepArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("cannot read sweep file {}", args.config.display()))?;
+    let file = SweepFile::parse(&text).with_context(|| format!("in {}", args.config.display()))?;
+    let runs = file.runs().with_context(|| format!("in {}", args.config.display()))?;
+    let base = args.config.parent().unwrap_or(Path::new(".")).join(&file.base);
+    let base_text =
+        std::fs::read_to_string(&base).with_context(|| format!("cannot read the base config {}", base.display()))?;
+    // Every run's config is checked before anything starts.
+    let mut names = Vec::new();
+    for r in &runs {
+        let c = Config::from_toml_with_overrides(&base_text, &r.overrides)
+            .with_context(|| format!("run {} ({}) has an invalid config", r.name, r.overrides.join(" ")))?;
+        names.push(format!("{} ({})", c.task.describe(), c.algo.name.name()));
+    }
+    let stem = args.config.file_stem().and_then(|s| s.to_str()).unwrap_or("sweep").to_string();
+    let dir_name = if stem.starts_with("sweep") { stem.clone() } else { format!("sweep-{stem}") };
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(dir_name));
+    eprintln!("sweep {}: {} run(s) into {}", args.config.display(), runs.len(), out.display());
+    for (r, what) in runs.iter().zip(&names) {
+        eprintln!("  {:<40} {what} {}", r.name, r.overrides.join(" "));
+    }
+    if args.dry_run {
+        return Ok(());
+    }
+    if args.local_workers > 256 {
+        bail!("--local-workers must be at most 256, got {}", args.local_workers);
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let _lock = crate::train::lock_run_dir(&out)?;
+
+    let tls_dir = out.join("tls");
+    let tls = load_or_init_coordinator(&tls_dir).map_err(anyhow::Error::msg)?;
+    let listen = match args.listen {
+        Some(a) => a,
+        None => free_loopback_port()?,
+    };
+    let mut pool = if args.local_workers > 0 {
+        let binary = find_worker_binary(None)?;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let connect =
+            if listen.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], listen.port())) } else { listen };
+        let fingerprint = tls.identity.fingerprint();
+        let spec = LocalSpec {
+            binary: &binary,
+            count: args.local_workers,
+            coordinator: connect,
+            fingerprint: &fingerprint,
+            tls_dir: &tls_dir,
+            threads: 1,
+            capacity: (cores / args.local_workers).max(1),
+            data_dir: args.data_dir.as_deref(),
+            stay: true,
+        };
+        Some(LocalWorkers::spawn(&spec)?)
+    } else {
+        eprintln!("waiting for external workers at {listen} (fingerprint {})", tls.identity.fingerprint());
+        None
+    };
+
+    // Ctrl-C reaches the running child too (same process group): it checkpoints and exits; the sweep
+    // then stops instead of starting the next run.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+    }
+    let exe = std::env::current_exe().context("locating the metatrain binary")?;
+    let mut outcomes = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
+        let dir = out.join(&r.name);
+        if STOP.load(Ordering::SeqCst) {
+            outcomes.push(Outcome::Pending);
+            continue;
+        }
+        if finished(&dir) {
+            eprintln!("[{}/{}] {}: finished earlier, skipped", i + 1, runs.len(), r.name);
+            outcomes.push(Outcome::Done);
+            continue;
+        }
+        if let Some(p) = pool.as_mut() {
+            if p.alive() == 0 {
+                bail!("all {} local workers exited; see their messages above", p.count());
+            }
+        }
+        eprintln!("[{}/{}] {}: {}", i + 1, runs.len(), r.name, r.overrides.join(" "));
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("train");
+        if crate::checkpoint::dir_of(&dir).is_dir() {
+            cmd.arg("--resume").arg(&dir);
+        } else {
+            cmd.arg("--config").arg(&base).arg("--out").arg(&dir);
+            for o in &r.overrides {
+                cmd.arg("--set").arg(o);
+            }
+        }
+        cmd.arg("--listen")
+            .arg(listen.to_string())
+            .arg("--tls-dir")
+            .arg(&tls_dir)
+            .arg("--local-workers")
+            .arg("0")
+            .arg("--metrics-addr")
+            .arg(&args.metrics_addr)
+            .arg("--metrics-label")
+            .arg(format!("run={}", r.name));
+        let status = cmd.status().await.with_context(|| format!("starting {}", exe.display()))?;
+        let outcome = match (status.success(), finished(&dir)) {
+            (true, true) => Outcome::Done,
+            (true, false) => Outcome::Interrupted,
+            (false, _) => {
+                eprintln!("run {} failed ({status}); continuing with the next run", r.name);
+                Outcome::Failed
+            }
+        };
+        if outcome == Outcome::Interrupted {
+            STOP.store(true, Ordering::SeqCst);
+        }
+        outcomes.push(outcome);
+    }
+    if let Some(p) = pool.take() {
+        p.stop_now().await;
+    }
+
+    let rows: Vec<Row<'_>> = runs
+        .iter()
+        .zip(&outcomes)
+        .map(|(r, &outcome)| Row { run: r, outcome, report: report(&out.join(&r.name)) })
+        .collect();
+    let title = if stem.starts_with("sweep") { stem.clone() } else { format!("sweep {stem}") };
+    let md = summary::write(&out, &title, &rows)?;
+    println!("{md}");
+    println!("wrote {0}/summary.csv, {0}/summary.md, {0}/comparison.png and .svg", out.display());
+    let failed = outcomes.iter().filter(|o| **o == Outcome::Failed).count();
+    let stopped = outcomes.iter().filter(|o| matches!(o, Outcome::Interrupted | Outcome::Pending)).count();
+    if stopped > 0 {
+        println!("stopped with {stopped} run(s) unfinished; run the same command again to continue");
+    }
+    if failed > 0 {
+        bail!("{failed} of {} runs failed", runs.len());
+    }
+    Ok(())
+}
+
+/// A loopback address whose UDP port was free a moment ago.
+fn free_loopback_port() -> Result<SocketAddr> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(s.local_addr()?)
+}
+
+fn report(dir: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).ok()?).ok()
+}
+
+fn finished(dir: &Path) -> bool {
+    crate::train::report_is_final(dir)
+}

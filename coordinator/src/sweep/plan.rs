@@ -1,0 +1,233 @@
+//! A sweep file and the runs it expands to. No I/O: [`SweepFile::parse`] takes the file's text and
+//! [`SweepFile::runs`] returns the named runs with their `--set` overrides.
+//!
+//! ```toml
+//! base = "noisy-linear.toml"        # the config every run starts from (relative to the sweep file)
+//! [set]                             # overrides for every run
+//! "train.steps" = 150
+//! [grid]                            # every combination (axes in key order, values as written)
+//! "algo.name" = ["maml", "fomaml"]
+//! "algo.inner_lr" = [0.01, 0.1]
+//! [[runs]]                          # and/or a list of named runs
+//! name = "layernorm"
+//! set = { "model.name" = "mlp-ln" }
+//! ```
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Most runs one sweep may expand to (runs are queued; each also becomes a metrics label value).
+pub const MAX_RUNS: usize = 256;
+/// Longest run name (it is a directory name and a label value).
+const MAX_NAME: usize = 80;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum PlanError {
+    #[error("the sweep file is not valid TOML for a sweep: {0}")]
+    Parse(String),
+    #[error("the sweep has no runs: give a [grid] with at least one key, or [[runs]]")]
+    Empty,
+    #[error("grid key {0:?} has no values")]
+    EmptyAxis(String),
+    #[error("the sweep expands to {0} runs; at most {MAX_RUNS} are allowed")]
+    TooMany(usize),
+    #[error("run name {0:?}: use 1..={MAX_NAME} characters from A-Z a-z 0-9 . _ - =")]
+    BadName(String),
+    #[error("two runs are named {0:?}")]
+    DuplicateName(String),
+    #[error("value of {0:?} must be a number, string or boolean")]
+    BadValue(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepFile {
+    /// The base config, relative to the sweep file.
+    pub base: String,
+    #[serde(default)]
+    set: toml::Table,
+    #[serde(default)]
+    grid: toml::Table,
+    #[serde(default)]
+    runs: Vec<ListedRun>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListedRun {
+    name: String,
+    #[serde(default)]
+    set: toml::Table,
+}
+
+/// One run of the sweep: its name (directory and `run` label) and its overrides, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedRun {
+    pub name: String,
+    pub overrides: Vec<String>,
+    /// The overrides that distinguish this run (grid values or the listed run's own), for the summary.
+    pub varies: Vec<(String, String)>,
+}
+
+impl SweepFile {
+    pub fn parse(text: &str) -> Result<SweepFile, PlanError> {
+        toml::from_str(text).map_err(|e| PlanError::Parse(e.message().to_string()))
+    }
+
+    pub fn runs(&self) -> Result<Vec<PlannedRun>, PlanError> {
+        let fixed = overrides(&self.set)?;
+        let mut combos: Vec<Vec<(String, String)>> = Vec::new();
+        if !self.grid.is_empty() {
+            combos.push(Vec::new());
+            for (key, values) in &self.grid {
+                let values = match values {
+                    toml::Value::Array(a) => a.clone(),
+                    v => vec![v.clone()],
+                };
+                if values.is_empty() {
+                    return Err(PlanError::EmptyAxis(key.clone()));
+                }
+                let n = combos.len() * values.len();
+                if n > MAX_RUNS {
+                    return Err(PlanError::TooMany(n));
+                }
+                let values: Vec<String> = values.iter().map(|v| render(key, v)).collect::<Result<_, _>>()?;
+                combos = combos
+                    .into_iter()
+                    .flat_map(|c| {
+                        values.iter().map(move |v| {
+                            let mut c = c.clone();
+                            c.push((key.clone(), v.clone()));
+                            c
+                        })
+                    })
+                    .collect();
+            }
+        }
+        let total = combos.len() + self.runs.len();
+        if total == 0 {
+            return Err(PlanError::Empty);
+        }
+        if total > MAX_RUNS {
+            return Err(PlanError::TooMany(total));
+        }
+        let mut out = Vec::new();
+        for (i, varies) in combos.into_iter().enumerate() {
+            let mut name = format!("r{i:02}");
+            for (k, v) in &varies {
+                let short = k.rsplit('.').next().unwrap_or(k);
+                name.push_str(&format!("-{short}={}", v.trim_matches('"')));
+            }
+            let name: String = name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || "._-=".contains(c) { c } else { '_' })
+                .take(MAX_NAME)
+                .collect();
+            out.push(planned(name, &fixed, varies));
+        }
+        for r in &self.runs {
+            let ok = !r.name.is_empty()
+                && r.name.len() <= MAX_NAME
+                && r.name.chars().all(|c| c.is_ascii_alphanumeric() || "._-=".contains(c))
+                && !r.name.starts_with('.');
+            if !ok {
+                return Err(PlanError::BadName(r.name.clone()));
+            }
+            out.push(planned(r.name.clone(), &fixed, overrides(&r.set)?));
+        }
+        let mut seen = BTreeSet::new();
+        for r in &out {
+            if !seen.insert(r.name.clone()) {
+                return Err(PlanError::DuplicateName(r.name.clone()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn planned(name: String, fixed: &[(String, String)], varies: Vec<(String, String)>) -> PlannedRun {
+    let overrides = fixed.iter().chain(&varies).map(|(k, v)| format!("{k}={v}")).collect();
+    PlannedRun { name, overrides, varies }
+}
+
+/// `[set]`-style tables as `(key, TOML value)`, nested tables flattened to dotted keys.
+fn overrides(t: &toml::Table) -> Result<Vec<(String, String)>, PlanError> {
+    let mut out = Vec::new();
+    flatten("", t, &mut out)?;
+    Ok(out)
+}
+
+fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, String)>) -> Result<(), PlanError> {
+    for (k, v) in t {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(inner) => flatten(&key, inner, out)?,
+            v => out.push((key.clone(), render(&key, v)?)),
+        }
+    }
+    Ok(())
+}
+
+/// A value as `--set` reads it (TOML: `0.01`, `"maml"`, `true`).
+fn render(key: &str, v: &toml::Value) -> Result<String, PlanError> {
+    match v {
+        toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) | toml::Value::String(_) => {
+            Ok(v.to_string())
+        }
+        _ => Err(PlanError::BadValue(key.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grid_expands_to_every_combination_in_order() {
+        let f = SweepFile::parse(
+            r#"base = "b.toml"
+[set]
+"train.steps" = 100
+[grid]
+"algo.name" = ["maml", "fomaml"]
+"algo.inner_lr" = [0.01, 0.1, 0.3]
+"#,
+        )
+        .unwrap();
+        let runs = f.runs().unwrap();
+        assert_eq!(runs.len(), 6);
+        // Axes in key order, values in the order written.
+        assert_eq!(runs[0].name, "r00-inner_lr=0.01-name=maml");
+        assert_eq!(runs[0].overrides, vec!["train.steps=100", "algo.inner_lr=0.01", "algo.name=\"maml\""]);
+        assert_eq!(runs[5].name, "r05-inner_lr=0.3-name=fomaml");
+    }
+
+    #[test]
+    fn listed_runs_follow_the_grid_and_names_are_checked() {
+        let f = SweepFile::parse(
+            "base = \"b.toml\"\n[[runs]]\nname = \"ln\"\nset = { model = { name = \"mlp-ln\" } }\n[[runs]]\nname = \"plain\"\n",
+        )
+        .unwrap();
+        let runs = f.runs().unwrap();
+        assert_eq!(runs[0].overrides, vec!["model.name=\"mlp-ln\""]);
+        assert!(runs[1].overrides.is_empty());
+        let bad = SweepFile::parse("base = \"b\"\n[[runs]]\nname = \"../x\"\n").unwrap();
+        assert_eq!(bad.runs(), Err(PlanError::BadName("../x".into())));
+        let dup = SweepFile::parse("base = \"b\"\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"a\"\n").unwrap();
+        assert_eq!(dup.runs(), Err(PlanError::DuplicateName("a".into())));
+    }
+
+    #[test]
+    fn empty_oversized_and_malformed_sweeps_are_refused() {
+        assert_eq!(SweepFile::parse("base = \"b\"\n").unwrap().runs(), Err(PlanError::Empty));
+        let big = SweepFile::parse("base = \"b\"\n[grid]\na = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17]\nb = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17]\n").unwrap();
+        assert_eq!(big.runs(), Err(PlanError::TooMany(289)));
+        assert!(matches!(SweepFile::parse("base = \"b\"\nbogus = 1\n"), Err(PlanError::Parse(_))));
+        let arr = SweepFile::parse("base = \"b\"\n[grid]\na = [[1]]\n").unwrap();
+        assert_eq!(arr.runs(), Err(PlanError::BadValue("a".into())));
+        let empty = SweepFile::parse("base = \"b\"\n[grid]\na = []\n").unwrap();
+        assert_eq!(empty.runs(), Err(PlanError::EmptyAxis("a".into())));
+    }
+}
