@@ -67,6 +67,10 @@ pub fn describe() {
         "Unix time of the last checkpoint (checkpoint age = time() - this)."
     );
     describe_gauge!("metatrain_checkpoint_step", "Meta-step of the last checkpoint.");
+    describe_gauge!(
+        "metatrain_curriculum_competence",
+        "Curriculum competence in [0, 1]: the hardest task difficulty the sampler draws now (1 without a curriculum)."
+    );
 }
 
 /// Every `metatrain_results_rejected_total` reason (see `aggregate::Rejection::reason` and `run`).
@@ -107,6 +111,8 @@ pub fn init_counters() {
         metrics::counter!("metatrain_results_rejected_total", "reason" => *reason).absolute(0);
     }
     metrics::gauge!("metatrain_workers_connected").set(0.0);
+    // No curriculum schedule exists yet: every task is eligible from the first step.
+    metrics::gauge!("metatrain_curriculum_competence").set(1.0);
 }
 
 #[cfg(test)]
