@@ -42,6 +42,22 @@ pub fn find_worker_binary(flag: Option<&Path>) -> Result<PathBuf> {
     )
 }
 
+/// The address local workers dial: the coordinator's listen address, an unspecified IP made loopback.
+pub fn dial_address(listen: SocketAddr) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], listen.port()))
+    } else {
+        listen
+    }
+}
+
+/// Tasks each of `count` local workers computes at once when each task uses `threads` libtorch threads:
+/// this machine's cores shared out (at least one).
+pub fn shared_capacity(count: usize, threads: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cores / count.max(1) / threads.max(1)).max(1)
+}
+
 pub struct LocalSpec<'a> {
     pub binary: &'a Path,
     pub count: usize,

@@ -15,7 +15,7 @@ use metatrain_common::net::{install_prometheus_labelled, load_or_init_coordinato
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{self, Checkpoint};
-use crate::local::{find_worker_binary, LocalSpec, LocalWorkers};
+use crate::local::{dial_address, find_worker_binary, shared_capacity, LocalSpec, LocalWorkers};
 use crate::progress::Progress;
 use crate::report::{config_json, write_json_atomic, write_params, EvalReport, MetricsCsv, Report};
 use crate::run::{RunError, Trainer};
@@ -295,15 +295,12 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
 
     let local = if args.local_workers > 0 {
         let binary = find_worker_binary(args.worker_bin.as_deref())?;
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let threads = args.worker_threads.max(1);
-        let capacity = (cores / args.local_workers / threads).max(1);
-        let connect: SocketAddr =
-            if bound.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], bound.port())) } else { bound };
+        let capacity = shared_capacity(args.local_workers, threads);
         let spec = LocalSpec {
             binary: &binary,
             count: args.local_workers,
-            coordinator: connect,
+            coordinator: dial_address(bound),
             fingerprint: &fingerprint,
             tls_dir: &tls_dir,
             threads,

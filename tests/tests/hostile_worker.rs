@@ -10,7 +10,7 @@ use std::time::Duration;
 use metatrain_common::net::{
     client_endpoint, install_crypto_provider, read_frame, server_name, write_frame, Identity, ServerTrust,
 };
-use metatrain_common::protocol::{Hello, Limits, Message, TaskResult, PROTOCOL_VERSION};
+use metatrain_common::protocol::{Assignment, Hello, Limits, Message, TaskResult, PROTOCOL_VERSION};
 use metatrain_common::tensor::{encode_f32, Dtype};
 use metatrain_tests::*;
 
@@ -18,6 +18,22 @@ const STEPS: u32 = 20;
 
 fn coordinator(out: &std::path::Path, local: usize) -> Command {
     noisy_linear_run(out, STEPS, 3, local)
+}
+
+/// A plausible result header for `a` with a gradient of `len` f32 values.
+fn result_for(a: &Assignment, len: usize) -> TaskResult {
+    TaskResult {
+        id: a.id,
+        version: a.version,
+        mode: a.mode,
+        pre_loss: 1.0,
+        post_loss: 0.5,
+        pre_accuracy: None,
+        post_accuracy: None,
+        compute_seconds: 0.001,
+        grad_dtype: Dtype::F32,
+        grad_len: len as u64,
+    }
 }
 
 /// Plays a worker that corrupts every result; returns the reason its connection was closed.
@@ -42,18 +58,7 @@ async fn faulty_worker(addr: SocketAddr, fingerprint: &str, identity: &Identity)
                 for a in tasks {
                     if sent == 0 {
                         // A finite, well-shaped gradient for a task this worker was not given.
-                        let forged = TaskResult {
-                            id: a.id + 1000,
-                            version: a.version,
-                            mode: a.mode,
-                            pre_loss: 1.0,
-                            post_loss: 0.5,
-                            pre_accuracy: None,
-                            post_accuracy: None,
-                            compute_seconds: 0.001,
-                            grad_dtype: Dtype::F32,
-                            grad_len: numel as u64,
-                        };
+                        let forged = result_for(&Assignment { id: a.id + 1000, ..a.clone() }, numel);
                         let Ok(mut s) = conn.open_uni().await else { break };
                         let _ = write_frame(&mut s, &Message::Result(forged), &encode_f32(&vec![0.5f32; numel])).await;
                         let _ = s.finish();
@@ -66,18 +71,7 @@ async fn faulty_worker(addr: SocketAddr, fingerprint: &str, identity: &Identity)
                         grad.pop();
                     }
                     sent += 1;
-                    let result = TaskResult {
-                        id: a.id,
-                        version: a.version,
-                        mode: a.mode,
-                        pre_loss: 1.0,
-                        post_loss: 0.5,
-                        pre_accuracy: None,
-                        post_accuracy: None,
-                        compute_seconds: 0.001,
-                        grad_dtype: Dtype::F32,
-                        grad_len: grad.len() as u64,
-                    };
+                    let result = result_for(&a, grad.len());
                     let Ok(mut s) = conn.open_uni().await else { break };
                     let _ = write_frame(&mut s, &Message::Result(result), &encode_f32(&grad)).await;
                     let _ = s.finish();

@@ -23,7 +23,7 @@ use clap::Args;
 use metatrain_common::config::Config;
 use metatrain_common::net::load_or_init_coordinator;
 
-use crate::local::{find_worker_binary, LocalSpec, LocalWorkers};
+use crate::local::{dial_address, find_worker_binary, shared_capacity, LocalSpec, LocalWorkers};
 use plan::SweepFile;
 use summary::{Outcome, Row};
 
@@ -100,18 +100,15 @@ pub async fn run(args: SweepArgs) -> Result<()> {
     };
     let mut pool = if args.local_workers > 0 {
         let binary = find_worker_binary(None)?;
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let connect =
-            if listen.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], listen.port())) } else { listen };
         let fingerprint = tls.identity.fingerprint();
         let spec = LocalSpec {
             binary: &binary,
             count: args.local_workers,
-            coordinator: connect,
+            coordinator: dial_address(listen),
             fingerprint: &fingerprint,
             tls_dir: &tls_dir,
             threads: 1,
-            capacity: (cores / args.local_workers).max(1),
+            capacity: shared_capacity(args.local_workers, 1),
             data_dir: args.data_dir.as_deref(),
             stay: true,
         };
