@@ -14,7 +14,8 @@ use metatrain_coordinator::train::{self, TrainArgs};
     about = "Distributed meta-training: a coordinator farms MAML tasks to workers over QUIC",
     long_about = "Distributed meta-training. `metatrain train` samples meta-batches of tasks, farms them to \
 metatrain-worker processes over QUIC (local ones by default), averages and clips their meta-gradients, \
-applies Adam, evaluates on held-out tasks, and writes report.json, metrics.csv and params.safetensors."
+applies Adam, evaluates on held-out tasks, and writes report.json, metrics.csv, params.safetensors and loss plots. \
+`metatrain sweep` queues many such runs on one worker pool; `metatrain status` shows a running one."
 )]
 struct Cli {
     #[command(subcommand)]
