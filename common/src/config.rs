@@ -277,6 +277,9 @@ impl Default for CheckpointConfig {
 /// Characters in the smaller Omniglot split (the evaluation split has 659, the background split 964): an
 /// N-way episode needs N distinct characters from either.
 pub const OMNIGLOT_MIN_SPLIT_CHARACTERS: usize = 659;
+/// Shortest task timeout accepted: below a few milliseconds every task would expire before a worker
+/// could answer, and reassignment would never end.
+pub const MIN_TASK_TIMEOUT_SECS: f64 = 0.01;
 /// Longest task timeout accepted (about 11.6 days): far beyond any real task, and small enough that
 /// deadlines computed from it never overflow a clock.
 pub const MAX_TASK_TIMEOUT_SECS: f64 = 1e6;
@@ -411,10 +414,13 @@ impl Config {
         if c.tasks_in_flight == 0 || c.tasks_in_flight > 4096 {
             return Err(invalid("cluster.tasks_in_flight", format!("must be in 1..=4096, got {}", c.tasks_in_flight)));
         }
-        if !(c.task_timeout_secs > 0.0 && c.task_timeout_secs <= MAX_TASK_TIMEOUT_SECS) {
+        if !(MIN_TASK_TIMEOUT_SECS..=MAX_TASK_TIMEOUT_SECS).contains(&c.task_timeout_secs) {
             return Err(invalid(
                 "cluster.task_timeout_secs",
-                format!("must be in (0, {MAX_TASK_TIMEOUT_SECS}] seconds, got {}", c.task_timeout_secs),
+                format!(
+                    "must be in [{MIN_TASK_TIMEOUT_SECS}, {MAX_TASK_TIMEOUT_SECS}] seconds, got {}",
+                    c.task_timeout_secs
+                ),
             ));
         }
         Ok(())
@@ -537,9 +543,10 @@ mod tests {
     #[test]
     fn out_of_range_values_are_refused_before_they_can_overflow_or_starve() {
         for bad in
-            ["cluster.task_timeout_secs=1e300", "cluster.task_timeout_secs=1e19", "cluster.task_timeout_secs=nan"]
+            ["task_timeout_secs=1e300", "task_timeout_secs=1e19", "task_timeout_secs=nan", "task_timeout_secs=1e-300"]
+                .map(|s| format!("cluster.{s}"))
         {
-            let e = Config::from_toml_with_overrides("", &[bad.into()]).unwrap_err();
+            let e = Config::from_toml_with_overrides("", &[bad.clone()]).unwrap_err();
             assert!(e.to_string().contains("cluster.task_timeout_secs"), "{bad}: {e}");
         }
         let omniglot = "[task]\ndistribution = \"omniglot\"\n[model]\nname = \"conv4\"\n";

@@ -29,6 +29,8 @@ pub enum Rejection {
     NonFiniteLoss,
     #[error("accuracy outside [0, 1]")]
     BadAccuracy,
+    #[error("compute time not a finite number of seconds in [0, 1e7]")]
+    BadTiming,
     #[error("bad gradient: {0}")]
     Gradient(#[from] TensorError),
     #[error("a training result without a gradient")]
@@ -45,6 +47,7 @@ impl Rejection {
         match self {
             Rejection::NonFiniteLoss => "non_finite_loss",
             Rejection::BadAccuracy => "bad_accuracy",
+            Rejection::BadTiming => "bad_timing",
             Rejection::Gradient(TensorError::NonFinite { .. }) => "non_finite_gradient",
             Rejection::Gradient(_) => "wrong_shape",
             Rejection::MissingGradient => "missing_gradient",
@@ -64,6 +67,10 @@ pub fn validate(result: &TaskResult, payload: &[u8], numel: usize) -> Result<Tas
     let acc_ok = |a: Option<f32>| a.is_none_or(|v| (0.0..=1.0).contains(&v));
     if !(acc_ok(result.pre_accuracy) && acc_ok(result.post_accuracy)) {
         return Err(Rejection::BadAccuracy);
+    }
+    // It feeds a histogram: a NaN would poison its sum for the rest of the run.
+    if !(0.0..=1e7).contains(&result.compute_seconds) {
+        return Err(Rejection::BadTiming);
     }
     let grad = match mode {
         Mode::Train if payload.is_empty() => return Err(Rejection::MissingGradient),

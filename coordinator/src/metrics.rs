@@ -81,6 +81,7 @@ pub const REJECTION_REASONS: &[&str] = &[
     "wrong_shape",
     "non_finite_loss",
     "bad_accuracy",
+    "bad_timing",
     "missing_gradient",
     "unexpected_gradient",
     "duplicate",
@@ -126,6 +127,7 @@ mod tests {
         let all = [
             Rejection::NonFiniteLoss,
             Rejection::BadAccuracy,
+            Rejection::BadTiming,
             Rejection::Gradient(TensorError::NonFinite { index: 0, value: f32::NAN }),
             Rejection::Gradient(TensorError::WrongLength { expected: 2, got: 1 }),
             Rejection::Gradient(TensorError::Ragged { bytes: 3, dtype: Dtype::F32 }),
@@ -138,6 +140,7 @@ mod tests {
             match r {
                 Rejection::NonFiniteLoss
                 | Rejection::BadAccuracy
+                | Rejection::BadTiming
                 | Rejection::Gradient(_)
                 | Rejection::MissingGradient
                 | Rejection::UnexpectedGradient

@@ -33,6 +33,8 @@ use crate::server::{Event, Outbound, Quarantine};
 const MAX_TASK_FAILURES: usize = 3;
 /// Malformed results after which a worker is disconnected and quarantined.
 const QUARANTINE_STRIKES: u32 = 3;
+/// Worker names whose strikes are remembered at once (far more than a cluster has workers).
+const MAX_STRIKE_NAMES: usize = 4096;
 /// Distinct worker names used as metrics label values before further ones are labelled `other`.
 const MAX_WORKER_LABELS: usize = 64;
 /// How long a quarantined worker's name is refused.
@@ -59,8 +61,8 @@ pub enum RunError {
 struct WorkerEntry {
     name: String,
     outbox: mpsc::UnboundedSender<Outbound>,
-    /// Malformed results so far.
-    strikes: u32,
+    /// This connection is being closed for quarantine: its in-flight results strike no more.
+    quarantined: bool,
 }
 
 /// The state of a run that the loop mutates.
@@ -74,6 +76,8 @@ pub struct Trainer {
     events: mpsc::Receiver<Event>,
     local: Option<LocalWorkers>,
     next_task: TaskId,
+    /// Strikes so far, by worker name (see [`Trainer::strike`]).
+    strikes: HashMap<String, u32>,
     /// Distinct worker names seen, up to [`MAX_TASK_FAILURES`] (all that the failure limit needs).
     names_seen: BTreeSet<String>,
     /// Names of the workers on which each task failed or had its result refused.
@@ -113,6 +117,7 @@ impl Trainer {
             events,
             local,
             next_task: 0,
+            strikes: HashMap::new(),
             names_seen: BTreeSet::new(),
             failures: HashMap::new(),
             quarantine,
@@ -282,7 +287,7 @@ impl Trainer {
                 if self.names_seen.len() < MAX_TASK_FAILURES {
                     self.names_seen.insert(name.clone());
                 }
-                self.workers.insert(worker, WorkerEntry { name, outbox, strikes: 0 });
+                self.workers.insert(worker, WorkerEntry { name, outbox, quarantined: false });
                 self.max_workers = self.max_workers.max(self.workers.len());
                 metrics::gauge!("metatrain_workers_connected").set(self.workers.len() as f64);
                 metrics::counter!("metatrain_workers_joined_total").increment(1);
@@ -303,11 +308,15 @@ impl Trainer {
                     self.strike(worker, "a failure report for a task it was not computing");
                     return Ok(Vec::new());
                 }
-                if v == version && self.scheduler.in_batch(id) {
-                    tracing::warn!("worker {worker} could not compute task {id}: {reason}");
-                    self.count_failure(worker, id, by_id, reason.clone())?;
-                    // A worker that cannot compute tasks is as useless as one that sends garbage.
-                    self.strike(worker, &format!("could not compute a task: {reason}"));
+                if self.scheduler.in_batch(id) {
+                    if v == version {
+                        tracing::warn!("worker {worker} could not compute task {id}: {reason}");
+                        self.count_failure(worker, id, by_id, reason.clone())?;
+                        // A worker that cannot compute tasks is as useless as one that sends garbage.
+                        self.strike(worker, &format!("could not compute a task: {reason}"));
+                    } else {
+                        self.strike(worker, "a failure report naming another parameter version than the task's");
+                    }
                 }
                 Ok(self.scheduler.retry(worker, id, now))
             }
@@ -382,17 +391,30 @@ impl Trainer {
         metrics::counter!("metatrain_results_rejected_total", "reason" => reason).increment(1);
     }
 
-    /// A malformed result from `worker`. After [`QUARANTINE_STRIKES`] it is disconnected and its name
-    /// refused for [`QUARANTINE`]; its tasks are reassigned.
+    /// A malformed result (or a failure) from `worker`. Strikes count per worker *name*, across its
+    /// connections (reconnecting does not clear them); at [`QUARANTINE_STRIKES`] the connection is closed
+    /// and the name refused for [`QUARANTINE`]; its tasks are reassigned.
     fn strike(&mut self, worker: WorkerId, why: &str) {
         let Some(w) = self.workers.get_mut(&worker) else { return };
-        w.strikes += 1;
-        // Exactly once: results already in flight from it still arrive (and are refused) afterwards.
-        if w.strikes != QUARANTINE_STRIKES {
+        // Results already in flight from a connection being closed are refused, but strike no more.
+        if w.quarantined {
             return;
         }
-        let reason =
-            format!("quarantined for {}s after {} malformed results (last: {why})", QUARANTINE.as_secs(), w.strikes);
+        if self.strikes.len() >= MAX_STRIKE_NAMES && !self.strikes.contains_key(&w.name) {
+            // Only without authentication can names be this many; forgetting old strikes bounds memory.
+            self.strikes.clear();
+        }
+        let n = self.strikes.entry(w.name.clone()).or_insert(0);
+        *n += 1;
+        if *n < QUARANTINE_STRIKES {
+            return;
+        }
+        self.strikes.remove(&w.name);
+        w.quarantined = true;
+        let reason = format!(
+            "quarantined for {}s after {QUARANTINE_STRIKES} malformed results (last: {why})",
+            QUARANTINE.as_secs()
+        );
         tracing::warn!("worker {worker} ({}) {reason}", w.name);
         self.quarantine.add(&w.name, QUARANTINE);
         metrics::counter!("metatrain_workers_quarantined_total").increment(1);

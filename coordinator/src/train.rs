@@ -276,6 +276,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
         numel: spec.layout().numel(),
         next_worker: AtomicU64::new(1),
         quarantine: quarantine.clone(),
+        names: Arc::default(),
     });
     tokio::spawn(server::serve(endpoint.clone(), ctx));
     eprintln!("coordinator listening on {bound} (QUIC), certificate fingerprint {fingerprint}");

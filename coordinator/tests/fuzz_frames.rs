@@ -81,6 +81,7 @@ fn frames_and_message_handling_never_panic() {
         numel: NUMEL,
         next_worker: AtomicU64::new(1),
         quarantine: Arc::new(Quarantine::default()),
+        names: Arc::default(),
     };
     let limits = Limits::with_payload((NUMEL * 4) as u64);
     let seeds = seeds();

@@ -202,3 +202,49 @@ fn a_stream_flood_is_bounded_and_the_run_goes_on() {
     assert_eq!(r["final_step"].as_u64(), Some(STEPS as u64));
     assert!(during < before + 100_000, "memory grew from {before} to {during} KiB under the flood");
 }
+
+/// Joins, sends one NaN gradient for the first task it is given, and leaves. Returns `Some(reason)` if
+/// the coordinator closed the connection (e.g. quarantine) instead.
+async fn one_bad_result(addr: SocketAddr, fingerprint: &str, identity: &Identity) -> Option<String> {
+    let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.into()), Some(identity)).expect("endpoint");
+    let conn = endpoint.connect(addr, server_name()).expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
+    let hello =
+        Hello { protocol_version: PROTOCOL_VERSION, worker_name: "flaky".into(), capacity: 1, device: "cpu".into() };
+    write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+    let mut numel = 0;
+    while let Ok(Some(frame)) = read_frame(&mut recv, &Limits::with_payload(1 << 24)).await {
+        match frame.message {
+            Message::Params { len, .. } => numel = len as usize,
+            Message::Assign { tasks } => {
+                let mut grad = vec![0.01f32; numel];
+                grad[0] = f32::NAN;
+                let mut s = conn.open_uni().await.expect("uni");
+                write_frame(&mut s, &Message::Result(result_for(&tasks[0], numel)), &encode_f32(&grad)).await.ok();
+                let _ = s.finish();
+                break;
+            }
+            _ => {}
+        }
+    }
+    // Give the coordinator time to judge the result before leaving.
+    let closed = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await.ok().map(|e| e.to_string());
+    conn.close(0u32.into(), b"bye");
+    endpoint.wait_idle().await;
+    closed
+}
+
+#[test]
+fn strikes_follow_the_worker_name_across_reconnects() {
+    install_crypto_provider();
+    let dir = scratch("hostile-reconnect");
+    let mut coord = Proc::spawn(&mut coordinator(&dir.join("run"), 0), "coordinator");
+    let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
+    let identity = issued_identity(&dir.join("run/tls"), "flaky");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let addr: SocketAddr = addr.parse().expect("addr");
+    assert_eq!(rt.block_on(one_bad_result(addr, &fp, &identity)), None, "one strike: not yet closed");
+    assert_eq!(rt.block_on(one_bad_result(addr, &fp, &identity)), None, "two strikes: not yet closed");
+    let third = rt.block_on(one_bad_result(addr, &fp, &identity));
+    assert!(third.as_deref().is_some_and(|r| r.contains("quarantined")), "the third strike quarantines: {third:?}");
+}

@@ -22,13 +22,15 @@ use super::pki::{self, COORDINATOR_NAME};
 
 /// ALPN protocol id; a peer speaking another protocol fails the handshake.
 pub const ALPN: &[u8] = b"metatrain/1";
-/// Flow-control windows. Gradients and parameters are the largest messages (4 bytes per parameter);
-/// 64 MiB per stream lets a 16M-parameter model move in one window while bounding what a peer can make
-/// us buffer; the connection window allows a few such streams at once.
-const STREAM_WINDOW: u32 = 64 << 20;
-const CONNECTION_WINDOW: u32 = 256 << 20;
-/// Concurrent result streams a worker may open; bounds the coordinator's buffered results per worker.
-const MAX_UNI_STREAMS: u32 = 64;
+/// Flow-control windows: how much unread data a peer can make QUIC buffer for one stream and for one
+/// connection. They pace large messages (gradients and parameters, 4 bytes per parameter) rather than
+/// limit their size: 32 MiB in flight is 32 GB/s at 1 ms RTT, 640 MB/s at 50 ms. The connection window
+/// bounds what any connection, authenticated or not, costs the coordinator in QUIC buffers.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Concurrent result streams a worker may open once welcomed (none before: see
+/// [`allow_result_streams`]); bounds the coordinator's buffered results per connection.
+pub const MAX_UNI_STREAMS: u32 = 64;
 /// Keep-alive so idle connections survive NATs, and a peer that vanishes is noticed within the timeout.
 const KEEP_ALIVE: Duration = Duration::from_secs(2);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -83,12 +85,14 @@ pub fn load_or_init_coordinator(dir: &Path) -> Result<CoordinatorTls, String> {
     })
 }
 
-fn transport() -> Arc<TransportConfig> {
+/// `uni_streams`: how many streams the peer may open at first (the coordinator allows none until a
+/// worker's Hello is accepted).
+fn transport(uni_streams: u32) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(CONNECTION_WINDOW as u64);
-    t.max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS));
+    t.max_concurrent_uni_streams(VarInt::from_u32(uni_streams));
     t.max_concurrent_bidi_streams(VarInt::from_u32(1));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok());
@@ -113,7 +117,7 @@ pub fn server_endpoint(addr: SocketAddr, tls: &CoordinatorTls, require_client_ce
     server.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(server).map_err(|e| e.to_string())?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(0));
     Endpoint::server(cfg, addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
@@ -156,10 +160,16 @@ pub fn client_endpoint(trust: &ServerTrust, identity: Option<&Identity>) -> Resu
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport());
+    // The coordinator opens no streams to a worker besides answering on the control stream.
+    cfg.transport_config(transport(0));
     let mut endpoint = Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(|e| e.to_string())?;
     endpoint.set_default_client_config(cfg);
     Ok(endpoint)
+}
+
+/// Lets a welcomed worker open its result streams.
+pub fn allow_result_streams(conn: &quinn::Connection) {
+    conn.set_max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS));
 }
 
 /// The server name to use in `Endpoint::connect`.

@@ -22,6 +22,10 @@ const RESULT_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
 /// while leaving room for far more workers than a run uses.
 const MAX_CONNECTIONS: usize = 1024;
 
+/// Connections one worker name may hold at once: its own, plus room for a reconnect that overlaps the
+/// old connection's timeout.
+const MAX_CONNECTIONS_PER_NAME: usize = 4;
+
 /// How often each connection's QUIC round-trip time (kept fresh by keep-alives) is recorded.
 const RTT_SAMPLE: Duration = Duration::from_secs(5);
 
@@ -74,7 +78,13 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
     };
     // The authenticated name (certificate common name) wins over the name the worker claims.
     let name = metatrain_common::net::peer_name(&conn).unwrap_or_else(|| hello.worker_name.clone());
-    let welcome = match handlers::hello::handle(&ctx, &hello, &name) {
+    let admitted = handlers::hello::handle(&ctx, &hello, &name).and_then(|w| {
+        let slot = ctx.names.take(&name, MAX_CONNECTIONS_PER_NAME).ok_or_else(|| {
+            format!("worker {name:?} already has {MAX_CONNECTIONS_PER_NAME} connections open; one per worker process")
+        })?;
+        Ok((w, slot))
+    });
+    let (welcome, _name_slot) = match admitted {
         Ok(w) => w,
         Err(reason) => {
             tracing::warn!("refused worker {name:?} at {remote}: {reason}");
@@ -87,6 +97,8 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
     };
     // A worker sends nothing more on the control stream: tell it to stop, and buffer nothing it sends.
     let _ = control_recv.stop(CLOSE_DONE.into());
+    // Only now may it open result streams (none were allowed during the handshake).
+    metatrain_common::net::allow_result_streams(&conn);
     let worker = welcome.worker_id;
     if let Err(e) = write_frame(&mut send, &Message::Welcome(welcome), &[]).await {
         tracing::warn!("worker {worker} at {remote}: {e}");

@@ -84,6 +84,45 @@ impl Quarantine {
     }
 }
 
+/// Live connections per worker name, so that one certificate cannot hold many connections' worth of
+/// buffers (a worker has one; a reconnect briefly overlaps its old one).
+#[derive(Default)]
+pub struct NameSlots {
+    live: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One connection's hold on its name; released on drop.
+pub struct NameSlot {
+    slots: Arc<NameSlots>,
+    name: String,
+}
+
+impl NameSlots {
+    /// Takes a slot for `name` unless `max` connections already hold one.
+    pub fn take(self: &Arc<Self>, name: &str, max: usize) -> Option<NameSlot> {
+        let mut live = self.live.lock().ok()?;
+        let n = live.entry(name.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(NameSlot { slots: self.clone(), name: name.to_string() })
+    }
+}
+
+impl Drop for NameSlot {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.slots.live.lock() {
+            if let Some(n) = live.get_mut(&self.name) {
+                *n -= 1;
+                if *n == 0 {
+                    live.remove(&self.name);
+                }
+            }
+        }
+    }
+}
+
 /// Fixed facts every connection needs.
 pub struct ServerContext {
     pub events: mpsc::Sender<Event>,
@@ -94,4 +133,20 @@ pub struct ServerContext {
     pub numel: usize,
     pub next_worker: AtomicU64,
     pub quarantine: Arc<Quarantine>,
+    pub names: Arc<NameSlots>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_holds_at_most_max_connections_and_dropping_one_frees_it() {
+        let slots = Arc::new(NameSlots::default());
+        let held: Vec<NameSlot> = (0..4).map(|_| slots.take("w", 4).expect("slot")).collect();
+        assert!(slots.take("w", 4).is_none());
+        assert!(slots.take("other", 4).is_some(), "per name");
+        drop(held.into_iter().next());
+        assert!(slots.take("w", 4).is_some());
+    }
 }
