@@ -22,7 +22,7 @@ use crate::task::TaskSpec;
 use crate::tensor::Dtype;
 
 /// Bumped on any incompatible change to [`Message`] or the framing.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First bytes of every frame; catches a peer speaking something else entirely.
 pub const FRAME_MAGIC: [u8; 4] = *b"MTR1";
 /// magic (4) + header length (4) + payload length (8).
@@ -96,6 +96,8 @@ pub struct TaskResult {
     pub post_accuracy: Option<f32>,
     /// Seconds the worker spent computing the task (data, inner loop, meta-gradient).
     pub compute_seconds: f32,
+    /// The task's difficulty in [0, 1] as materialised (see `task`); for metrics only.
+    pub difficulty: f32,
     pub grad_dtype: Dtype,
     /// Elements in the gradient payload (0 in eval mode).
     pub grad_len: u64,
@@ -307,7 +309,7 @@ mod tests {
     use crate::task::Split;
 
     fn samples() -> Vec<(Message, Vec<u8>)> {
-        let spec = TaskSpec { seed: 3, split: Split::Train, step: 9, index: 2 };
+        let spec = TaskSpec::new(3, Split::Train, 9, 2);
         vec![
             (
                 Message::Hello(Hello {
@@ -339,6 +341,7 @@ mod tests {
                     pre_accuracy: None,
                     post_accuracy: Some(0.5),
                     compute_seconds: 0.01,
+                    difficulty: 0.5,
                     grad_dtype: Dtype::F32,
                     grad_len: 2,
                 }),

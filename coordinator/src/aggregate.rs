@@ -4,13 +4,19 @@
 //! of the wrong length or with NaN/Inf, a gradient where none belongs or none where one must be.
 //! [`BatchCollector`] then reduces accepted results **in task-index order** (a result that arrives early
 //! waits until every lower index is in), so the sum — and hence the parameters — is bitwise the same
-//! whatever the arrival order, the number of workers or reassignments. Sums are taken in f64.
+//! whatever the arrival order, the number of workers or reassignments. Sums are taken in f64. With a
+//! `[defence]` that needs every gradient at once (outlier quarantine, trimmed mean, median) the collector
+//! holds the batch's gradients and hands them, in index order, to [`crate::defence`] at the end; that
+//! costs meta_batch × parameters × 4 bytes of memory, where the plain mean needs one f64 sum.
 
 use std::collections::BTreeMap;
 
+use metatrain_common::config::DefenceConfig;
 use metatrain_common::protocol::{Mode, TaskResult};
 use metatrain_common::tensor::{decode_f32, TensorError};
 use thiserror::Error;
+
+use crate::defence::{self, Score, Window};
 
 /// A validated task result.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,6 +25,8 @@ pub struct TaskOutcome {
     pub post_loss: f64,
     pub pre_accuracy: Option<f64>,
     pub post_accuracy: Option<f64>,
+    /// The task's difficulty in [0, 1], as the worker materialised it.
+    pub difficulty: f64,
     /// The meta-gradient (train mode).
     pub grad: Option<Vec<f32>>,
 }
@@ -31,6 +39,8 @@ pub enum Rejection {
     BadAccuracy,
     #[error("compute time not a finite number of seconds in [0, 1e7]")]
     BadTiming,
+    #[error("task difficulty outside [0, 1]")]
+    BadDifficulty,
     #[error("bad gradient: {0}")]
     Gradient(#[from] TensorError),
     #[error("a training result without a gradient")]
@@ -48,6 +58,7 @@ impl Rejection {
             Rejection::NonFiniteLoss => "non_finite_loss",
             Rejection::BadAccuracy => "bad_accuracy",
             Rejection::BadTiming => "bad_timing",
+            Rejection::BadDifficulty => "bad_difficulty",
             Rejection::Gradient(TensorError::NonFinite { .. }) => "non_finite_gradient",
             Rejection::Gradient(_) => "wrong_shape",
             Rejection::MissingGradient => "missing_gradient",
@@ -72,6 +83,9 @@ pub fn validate(result: &TaskResult, payload: &[u8], numel: usize) -> Result<Tas
     if !(0.0..=1e7).contains(&result.compute_seconds) {
         return Err(Rejection::BadTiming);
     }
+    if !(0.0..=1.0).contains(&result.difficulty) {
+        return Err(Rejection::BadDifficulty);
+    }
     let grad = match mode {
         Mode::Train if payload.is_empty() => return Err(Rejection::MissingGradient),
         Mode::Train => Some(decode_f32(payload, result.grad_dtype, numel)?),
@@ -83,6 +97,7 @@ pub fn validate(result: &TaskResult, payload: &[u8], numel: usize) -> Result<Tas
         post_loss: result.post_loss as f64,
         pre_accuracy: result.pre_accuracy.map(f64::from),
         post_accuracy: result.post_accuracy.map(f64::from),
+        difficulty: result.difficulty as f64,
         grad,
     })
 }
@@ -114,13 +129,26 @@ pub struct BatchSummary {
     pub post_loss: MeanCi,
     pub pre_accuracy: Option<MeanCi>,
     pub post_accuracy: Option<MeanCi>,
-    /// Train mode: the mean meta-gradient after global-norm clipping.
+    /// Train mode: the mean (or robust reduction) of the meta-gradients after global-norm clipping;
+    /// `None` also when the defence quarantined every task of the step (no update is applied).
     pub mean_grad: Option<Vec<f32>>,
     /// Its L2 norm before clipping.
     pub grad_norm: f64,
     /// Whether clipping rescaled it.
     pub clipped: bool,
     pub tasks: usize,
+    /// Post-adaptation loss and difficulty of each task, in index order.
+    pub task_post_loss: Vec<f64>,
+    pub task_difficulty: Vec<f64>,
+    /// The defence's verdict on each task, in index order (empty when nothing was scored).
+    pub scores: Vec<Score>,
+}
+
+impl BatchSummary {
+    /// Tasks the defence quarantined.
+    pub fn quarantined(&self) -> usize {
+        self.scores.iter().filter(|s| s.quarantined.is_some()).count()
+    }
 }
 
 /// Collects one batch's results and reduces gradients in index order as the prefix fills.
@@ -129,6 +157,10 @@ pub struct BatchCollector {
     next: usize,
     waiting: BTreeMap<usize, TaskOutcome>,
     grad_sum: Option<Vec<f64>>,
+    /// Every gradient, in index order, when the defence needs them all (then `grad_sum` is unused).
+    held: Option<Vec<Vec<f32>>>,
+    norms: Vec<f64>,
+    difficulty: Vec<f64>,
     pre: Vec<f64>,
     post: Vec<f64>,
     pre_acc: Vec<f64>,
@@ -136,13 +168,17 @@ pub struct BatchCollector {
 }
 
 impl BatchCollector {
-    /// A batch of `n` tasks; `numel` > 0 for training batches (gradients are summed).
-    pub fn new(n: usize, numel: Option<usize>) -> Self {
+    /// A batch of `n` tasks; `numel` > 0 for training batches (gradients are summed, or held when `hold`).
+    pub fn new(n: usize, numel: Option<usize>, hold: bool) -> Self {
+        let hold = hold && numel.is_some();
         BatchCollector {
             n,
             next: 0,
             waiting: BTreeMap::new(),
-            grad_sum: numel.map(|k| vec![0.0; k]),
+            grad_sum: if hold { None } else { numel.map(|k| vec![0.0; k]) },
+            held: hold.then(|| Vec::with_capacity(n)),
+            norms: Vec::new(),
+            difficulty: Vec::with_capacity(n),
             pre: Vec::with_capacity(n),
             post: Vec::with_capacity(n),
             pre_acc: Vec::new(),
@@ -167,10 +203,15 @@ impl BatchCollector {
         self.post.push(o.post_loss);
         self.pre_acc.extend(o.pre_accuracy);
         self.post_acc.extend(o.post_accuracy);
+        self.difficulty.push(o.difficulty);
         if let (Some(sum), Some(g)) = (self.grad_sum.as_mut(), o.grad.as_ref()) {
             for (s, v) in sum.iter_mut().zip(g) {
                 *s += *v as f64;
             }
+        }
+        if let (Some(held), Some(g)) = (self.held.as_mut(), o.grad) {
+            self.norms.push(g.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt());
+            held.push(g);
         }
     }
 
@@ -178,12 +219,28 @@ impl BatchCollector {
         self.next == self.n
     }
 
-    /// Means, CIs, and (train mode) the mean gradient clipped to `max_grad_norm`.
-    pub fn finish(self, max_grad_norm: f64) -> BatchSummary {
+    /// Means, CIs, and (train mode) the reduced gradient clipped to `max_grad_norm`. A collector that
+    /// holds its gradients scores them against `window` and reduces them as `defence` says.
+    pub fn finish(self, max_grad_norm: f64, defence: Option<(&DefenceConfig, &mut Window)>) -> BatchSummary {
         let n = self.next.max(1) as f64;
         let (mut mean_grad, mut grad_norm, mut clipped) = (None, 0.0, false);
-        if let Some(sum) = self.grad_sum {
-            let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+        let mut scores = Vec::new();
+        let reduced: Option<Vec<f64>> = match (self.grad_sum, &self.held, defence) {
+            (Some(sum), _, _) => Some(sum.iter().map(|s| s / n).collect()),
+            (None, Some(held), Some((cfg, window))) => {
+                let batch: Vec<(f64, f64)> = self.post.iter().copied().zip(self.norms.iter().copied()).collect();
+                scores = window.score_batch(&batch, cfg);
+                let weights: Vec<f64> = scores.iter().map(|s| s.weight).collect();
+                let grads: Vec<&[f32]> = held.iter().map(Vec::as_slice).collect();
+                defence::reduce(&grads, &weights, cfg.aggregate, cfg.trim)
+            }
+            (None, Some(held), None) => {
+                let grads: Vec<&[f32]> = held.iter().map(Vec::as_slice).collect();
+                defence::reduce(&grads, &vec![1.0; grads.len()], metatrain_common::config::Aggregation::Mean, 0.0)
+            }
+            (None, None, _) => None,
+        };
+        if let Some(mean) = reduced {
             grad_norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
             let scale = if grad_norm > max_grad_norm {
                 clipped = true;
@@ -203,6 +260,9 @@ impl BatchCollector {
             grad_norm,
             clipped,
             tasks: self.next,
+            task_post_loss: self.post,
+            task_difficulty: self.difficulty,
+            scores,
         }
     }
 }
@@ -222,6 +282,7 @@ mod tests {
             pre_accuracy: None,
             post_accuracy: None,
             compute_seconds: 0.0,
+            difficulty: 0.5,
             grad_dtype: Dtype::F32,
             grad_len,
         }
@@ -233,7 +294,14 @@ mod tests {
     }
 
     fn outcome(g: Vec<f32>) -> TaskOutcome {
-        TaskOutcome { pre_loss: 1.0, post_loss: 0.5, pre_accuracy: None, post_accuracy: None, grad: Some(g) }
+        TaskOutcome {
+            pre_loss: 1.0,
+            post_loss: 0.5,
+            pre_accuracy: None,
+            post_accuracy: None,
+            difficulty: 0.5,
+            grad: Some(g),
+        }
     }
 
     #[test]
@@ -253,6 +321,11 @@ mod tests {
         let mut bad_acc = result(1.0, 0.5, 0);
         bad_acc.post_accuracy = Some(1.5);
         assert_eq!(r(validate(&with_mode(bad_acc, Mode::Eval), &[], 2)), "bad_accuracy");
+        for d in [f32::NAN, -0.1, 1.5] {
+            let mut bad = result(1.0, 0.5, 2);
+            bad.difficulty = d;
+            assert_eq!(r(validate(&with_mode(bad, Mode::Train), &g, 2)), "bad_difficulty");
+        }
     }
 
     #[test]
@@ -260,13 +333,21 @@ mod tests {
         // Values whose f32/f64 sums depend on order if summed naively in arrival order.
         let grads: Vec<Vec<f32>> = (0..7).map(|i| vec![1e8 * (i as f32 - 3.0), 0.1 * i as f32 + 1e-7]).collect();
         let run = |order: &[usize]| {
-            let mut c = BatchCollector::new(7, Some(2));
+            let mut streamed = BatchCollector::new(7, Some(2), false);
+            let mut held = BatchCollector::new(7, Some(2), true);
             for &i in order {
-                assert!(!c.is_complete());
-                c.insert(i, outcome(grads[i].clone()));
+                assert!(!streamed.is_complete());
+                streamed.insert(i, outcome(grads[i].clone()));
+                held.insert(i, outcome(grads[i].clone()));
             }
-            assert!(c.is_complete());
-            c.finish(f64::INFINITY).mean_grad.unwrap()
+            assert!(streamed.is_complete() && held.is_complete());
+            let g = streamed.finish(f64::INFINITY, None).mean_grad.unwrap();
+            // Holding the gradients (for a defence) and taking their unweighted mean is the same sum.
+            let mut window = Window::default();
+            let off =
+                DefenceConfig { aggregate: metatrain_common::config::Aggregation::Mean, ..DefenceConfig::default() };
+            assert_eq!(held.finish(f64::INFINITY, Some((&off, &mut window))).mean_grad.unwrap(), g);
+            g
         };
         let a = run(&[0, 1, 2, 3, 4, 5, 6]);
         assert_eq!(a, run(&[6, 5, 4, 3, 2, 1, 0]));
@@ -275,20 +356,40 @@ mod tests {
 
     #[test]
     fn global_norm_clipping() {
-        let mut c = BatchCollector::new(2, Some(2));
+        let mut c = BatchCollector::new(2, Some(2), false);
         c.insert(0, outcome(vec![6.0, 0.0]));
         c.insert(1, outcome(vec![0.0, 8.0]));
-        let s = c.finish(1.0);
+        let s = c.finish(1.0, None);
         // mean = (3, 4), norm 5 → rescaled to norm 1.
         assert!((s.grad_norm - 5.0).abs() < 1e-12);
         assert!(s.clipped);
         let g = s.mean_grad.unwrap();
         assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
-        let mut c = BatchCollector::new(1, Some(2));
+        let mut c = BatchCollector::new(1, Some(2), false);
         c.insert(0, outcome(vec![0.3, 0.4]));
-        let s = c.finish(1.0);
+        let s = c.finish(1.0, None);
         assert!(!s.clipped);
         assert_eq!(s.mean_grad.unwrap(), vec![0.3, 0.4]);
+    }
+
+    #[test]
+    fn a_quarantined_task_leaves_the_step() {
+        use metatrain_common::config::QuarantineMode;
+        let cfg = DefenceConfig { quarantine: QuarantineMode::Skip, ..DefenceConfig::default() };
+        let mut c = BatchCollector::new(6, Some(1), true);
+        for i in 0..6 {
+            // Five ordinary tasks and one whose loss and gradient are 10⁴ times larger.
+            let mut o = outcome(vec![if i == 4 { 1e4 } else { 1.0 + 0.01 * i as f32 }]);
+            o.post_loss = if i == 4 { 1e4 } else { 1.0 + 0.1 * i as f64 };
+            c.insert(i, o);
+        }
+        let mut window = Window::default();
+        let s = c.finish(f64::INFINITY, Some((&cfg, &mut window)));
+        assert_eq!(s.quarantined(), 1);
+        assert!(s.scores[4].quarantined.is_some());
+        let g = s.mean_grad.unwrap()[0];
+        assert!((g - (5.0 + 0.01 * 11.0) / 5.0).abs() < 1e-6, "mean of the five others: {g}");
+        assert_eq!(window.len(), 6);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! A checkpoint holds the config (so a resumed run can refuse an incompatible one), the number of
 //! completed meta-steps, the parameters, Adam's moments and step count, and the sampler's state. The
 //! sampler and every task draw are keyed by (seed, split, step, index), so `(seed, step)` *is* the whole
-//! random state: no generator state needs saving, and the record says so explicitly.
+//! random state: no generator state needs saving, and the record says so explicitly. Besides it, the
+//! curriculum's state (an adaptive schedule's competence and best held-out loss) and the defence's
+//! sliding window are saved, as f64 bits, so that a resumed run draws and scores exactly as before.
 //!
 //! File layout (`<out>/checkpoints/step-<NNNNNNNNNN>.ckpt`):
 //! `magic "MTCKPT01" | header_len u32 LE | header (JSON) | params | adam_m | adam_v (f32 LE) | SHA-256 of all before`.
@@ -64,6 +66,14 @@ pub struct Header {
     pub tasks_reassigned: u64,
     pub results_rejected: u64,
     pub next_task: u64,
+    /// The curriculum's state (absent in checkpoints of runs from before curricula: then none).
+    #[serde(default)]
+    pub curriculum: Option<crate::curriculum::CurriculumState>,
+    /// The defence's sliding window of recent tasks.
+    #[serde(default)]
+    pub defence_window: Option<crate::defence::WindowState>,
+    #[serde(default)]
+    pub defence_counts: crate::run::DefenceCounts,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -212,6 +222,21 @@ mod tests {
                 tasks_reassigned: 1,
                 results_rejected: 2,
                 next_task: 70,
+                curriculum: Some(crate::curriculum::CurriculumState {
+                    competence_bits: 0.4f64.to_bits(),
+                    best_loss_bits: 0.123456789f64.to_bits(),
+                    evals_without_improvement: 1,
+                }),
+                defence_window: Some(crate::defence::WindowState {
+                    log_loss_bits: vec![(-0.1f64).to_bits(), std::f64::consts::PI.to_bits()],
+                    log_norm_bits: vec![1.5f64.to_bits(), 1e-300f64.to_bits()],
+                }),
+                defence_counts: crate::run::DefenceCounts {
+                    tasks_corrupted: 3,
+                    tasks_quarantined: 2,
+                    quarantined_corrupted: 2,
+                    steps_skipped: 0,
+                },
             },
             params,
             adam_m: vec![0.1, 0.2, 0.3],

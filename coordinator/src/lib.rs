@@ -1,8 +1,10 @@
 //! The metatrain coordinator: the control plane. No libtorch.
 //!
-//! - [`sampler`]: which tasks each meta-step and evaluation uses, a pure function of (seed, step).
+//! - [`sampler`]: which tasks each meta-step and evaluation uses, a pure function of (seed, step) and the
+//!   [`curriculum`]'s competence (which task difficulties are allowed at each step).
 //! - [`scheduler`]: who computes which task; deadlines, reassignment, membership (I/O-free state machine).
-//! - [`aggregate`]: validate results, reduce in task-index order, clip by global norm.
+//! - [`aggregate`]: validate results, reduce in task-index order, clip by global norm; with a
+//!   [`defence`], outlier quarantine and robust reductions.
 //! - [`optim`]: Adam over the flat meta-parameters.
 //! - [`checkpoint`]: atomic save/resume of everything that determines the rest of the run.
 //! - [`server`]: the QUIC endpoint, one handler per message kind.
@@ -20,6 +22,8 @@ pub mod aggregate;
 pub mod certs;
 pub mod chaos;
 pub mod checkpoint;
+pub mod curriculum;
+pub mod defence;
 pub mod local;
 pub mod metrics;
 pub mod optim;

@@ -67,6 +67,26 @@ pub fn describe() {
         "Unix time of the last checkpoint (checkpoint age = time() - this)."
     );
     describe_gauge!("metatrain_checkpoint_step", "Meta-step of the last checkpoint.");
+    describe_counter!(
+        "metatrain_tasks_corrupted_total",
+        "Training tasks corrupted on purpose by the [corrupt] option (counted when their step completes)."
+    );
+    describe_counter!(
+        "metatrain_tasks_quarantined_total",
+        "Training tasks left out or down-weighted as outliers, by reason (loss, grad_norm) and whether they were corrupted on purpose."
+    );
+    describe_counter!(
+        "metatrain_meta_steps_skipped_total",
+        "Meta-steps without an update because the defence quarantined every task."
+    );
+    describe_gauge!(
+        "metatrain_meta_train_loss_by_difficulty",
+        "Mean post-adaptation query loss of the last meta-batch's tasks in each difficulty bucket."
+    );
+    describe_gauge!(
+        "metatrain_meta_test_loss_by_difficulty",
+        "Mean post-adaptation query loss of the last evaluation's held-out tasks in each difficulty bucket."
+    );
     describe_gauge!(
         "metatrain_curriculum_competence",
         "Curriculum competence in [0, 1]: the hardest task difficulty the sampler draws now (1 without a curriculum)."
@@ -82,6 +102,7 @@ pub const REJECTION_REASONS: &[&str] = &[
     "non_finite_loss",
     "bad_accuracy",
     "bad_timing",
+    "bad_difficulty",
     "missing_gradient",
     "unexpected_gradient",
     "duplicate",
@@ -100,6 +121,8 @@ pub fn init_counters() {
         "metatrain_tasks_reassigned_total",
         "metatrain_tasks_failed_total",
         "metatrain_tasks_duplicated_total",
+        "metatrain_tasks_corrupted_total",
+        "metatrain_meta_steps_skipped_total",
         "metatrain_sent_bytes_total",
         "metatrain_received_bytes_total",
     ] {
@@ -111,8 +134,14 @@ pub fn init_counters() {
     for reason in REJECTION_REASONS {
         metrics::counter!("metatrain_results_rejected_total", "reason" => *reason).absolute(0);
     }
+    for reason in crate::defence::Reason::ALL {
+        for corrupted in ["true", "false"] {
+            metrics::counter!("metatrain_tasks_quarantined_total", "reason" => reason.label(), "corrupted" => corrupted)
+                .absolute(0);
+        }
+    }
     metrics::gauge!("metatrain_workers_connected").set(0.0);
-    // No curriculum schedule exists yet: every task is eligible from the first step.
+    // Until the first step sets it from the curriculum: every task is eligible.
     metrics::gauge!("metatrain_curriculum_competence").set(1.0);
 }
 
@@ -128,6 +157,7 @@ mod tests {
             Rejection::NonFiniteLoss,
             Rejection::BadAccuracy,
             Rejection::BadTiming,
+            Rejection::BadDifficulty,
             Rejection::Gradient(TensorError::NonFinite { index: 0, value: f32::NAN }),
             Rejection::Gradient(TensorError::WrongLength { expected: 2, got: 1 }),
             Rejection::Gradient(TensorError::Ragged { bytes: 3, dtype: Dtype::F32 }),
@@ -141,6 +171,7 @@ mod tests {
                 Rejection::NonFiniteLoss
                 | Rejection::BadAccuracy
                 | Rejection::BadTiming
+                | Rejection::BadDifficulty
                 | Rejection::Gradient(_)
                 | Rejection::MissingGradient
                 | Rejection::UnexpectedGradient

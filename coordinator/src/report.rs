@@ -7,7 +7,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use metatrain_common::config::Config;
+use metatrain_common::config::{Config, QuarantineMode, Schedule};
 use metatrain_common::layout::ParamLayout;
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 use serde::Serialize;
@@ -62,6 +62,61 @@ pub struct Report {
     pub tasks_duplicated: u64,
     pub results_rejected: u64,
     pub max_workers: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curriculum: Option<CurriculumReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub defence: Option<DefenceReport>,
+}
+
+/// `curriculum` in `report.json` (runs with a schedule).
+#[derive(Clone, Debug, Serialize)]
+pub struct CurriculumReport {
+    pub schedule: &'static str,
+    /// Competence of the last meta-step.
+    pub final_competence: f64,
+}
+
+impl CurriculumReport {
+    pub fn of(config: &Config, c: &crate::curriculum::Curriculum, final_step: u64) -> Option<Self> {
+        let schedule = config.curriculum.schedule;
+        (schedule != Schedule::None).then(|| CurriculumReport {
+            schedule: schedule.name(),
+            final_competence: c.competence(final_step.saturating_sub(1)),
+        })
+    }
+}
+
+/// `defence` in `report.json` (runs with corrupted tasks or a quarantine).
+#[derive(Clone, Debug, Serialize)]
+pub struct DefenceReport {
+    pub tasks_corrupted: u64,
+    pub tasks_quarantined: u64,
+    pub quarantined_corrupted: u64,
+    pub steps_skipped: u64,
+    /// Share of quarantined tasks that were corrupted ones (when any was quarantined).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine_precision: Option<f64>,
+    /// Share of corrupted tasks that were quarantined (when any was corrupted and quarantine is on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantine_recall: Option<f64>,
+}
+
+impl DefenceReport {
+    pub fn of(config: &Config, c: crate::run::DefenceCounts) -> Option<Self> {
+        let quarantine = config.defence.quarantine != QuarantineMode::Off;
+        if config.corrupt.fraction <= 0.0 && !quarantine {
+            return None;
+        }
+        let ratio = |a: u64, b: u64| (b > 0).then(|| a as f64 / b as f64);
+        Some(DefenceReport {
+            tasks_corrupted: c.tasks_corrupted,
+            tasks_quarantined: c.tasks_quarantined,
+            quarantined_corrupted: c.quarantined_corrupted,
+            steps_skipped: c.steps_skipped,
+            quarantine_precision: ratio(c.quarantined_corrupted, c.tasks_quarantined),
+            quarantine_recall: if quarantine { ratio(c.quarantined_corrupted, c.tasks_corrupted) } else { None },
+        })
+    }
 }
 
 /// Builds the config's JSON form (infinite floats become the string "inf", which JSON cannot hold).
@@ -81,7 +136,7 @@ pub struct MetricsCsv {
     out: BufWriter<File>,
 }
 
-pub const CSV_HEADER: &str = "kind,step,pre_adapt_loss,post_adapt_loss,post_adapt_loss_ci95,accuracy,accuracy_ci95,grad_norm,clipped,step_seconds,wall_seconds";
+pub const CSV_HEADER: &str = "kind,step,pre_adapt_loss,post_adapt_loss,post_adapt_loss_ci95,accuracy,accuracy_ci95,grad_norm,clipped,step_seconds,wall_seconds,competence,quarantined";
 
 impl MetricsCsv {
     /// Opens `metrics.csv` for a run that has completed `step` meta-steps: a new file with a header at 0;
@@ -108,8 +163,17 @@ impl MetricsCsv {
         Ok(MetricsCsv { out: BufWriter::new(file) })
     }
 
-    /// `kind` is `train` or `eval`; `step` counts meta-steps done.
-    pub fn row(&mut self, kind: &str, step: u64, s: &BatchSummary, step_seconds: f64, wall_seconds: f64) -> Result<()> {
+    /// `kind` is `train` or `eval`; `step` counts meta-steps done; `competence` is the curriculum's at
+    /// that step (training rows) or 1.
+    pub fn row(
+        &mut self,
+        kind: &str,
+        step: u64,
+        s: &BatchSummary,
+        step_seconds: f64,
+        wall_seconds: f64,
+        competence: f64,
+    ) -> Result<()> {
         let opt = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
         let (gn, clipped) = if kind == "train" {
             (format!("{:.6}", s.grad_norm), (s.clipped as u8).to_string())
@@ -118,12 +182,13 @@ impl MetricsCsv {
         };
         writeln!(
             self.out,
-            "{kind},{step},{:.6},{:.6},{:.6},{},{},{gn},{clipped},{step_seconds:.4},{wall_seconds:.3}",
+            "{kind},{step},{:.6},{:.6},{:.6},{},{},{gn},{clipped},{step_seconds:.4},{wall_seconds:.3},{competence:.6},{}",
             s.pre_loss.mean,
             s.post_loss.mean,
             s.post_loss.ci95,
             opt(s.post_accuracy.map(|a| a.mean)),
             opt(s.post_accuracy.map(|a| a.ci95)),
+            s.quarantined(),
         )?;
         self.out.flush()?;
         Ok(())

@@ -22,6 +22,8 @@ use metatrain_common::layout::params_sha256;
 
 use crate::aggregate::{BatchCollector, BatchSummary, Rejection};
 use crate::checkpoint::{Checkpoint, Header, SamplerState};
+use crate::curriculum::Curriculum;
+use crate::defence::Window;
 use crate::local::LocalWorkers;
 use crate::optim::Adam;
 use crate::scheduler::{Action, Scheduler, SchedulerStats, Verdict, WorkerId};
@@ -71,6 +73,10 @@ pub struct Trainer {
     pub layout: ParamLayout,
     pub params: Vec<f32>,
     adam: Adam,
+    /// Competence per step ([`crate::curriculum`]).
+    pub curriculum: Curriculum,
+    /// Recent training tasks' statistics for outlier scoring ([`crate::defence`]).
+    window: Window,
     scheduler: Scheduler,
     workers: BTreeMap<WorkerId, WorkerEntry>,
     events: mpsc::Receiver<Event>,
@@ -93,6 +99,44 @@ pub struct Trainer {
     pub max_workers: usize,
     /// Reassignments counted before a resume.
     reassigned_before: u64,
+    /// Dirty tasks and the defence's record (carried across resumes).
+    pub defence_counts: DefenceCounts,
+}
+
+/// What the `[corrupt]` option did and what the defence caught, over the whole run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DefenceCounts {
+    /// Training tasks corrupted on purpose (their steps completed).
+    pub tasks_corrupted: u64,
+    /// Training tasks the defence quarantined.
+    pub tasks_quarantined: u64,
+    /// Of those, how many were corrupted ones.
+    pub quarantined_corrupted: u64,
+    /// Meta-steps left without an update because every task was quarantined.
+    pub steps_skipped: u64,
+}
+
+/// Label values of `metatrain_*_loss_by_difficulty{bucket}`: five equal bins of [0, 1].
+pub const DIFFICULTY_BUCKETS: [&str; 5] = ["0.0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1.0"];
+
+fn bucket_of(difficulty: f64) -> usize {
+    ((difficulty * DIFFICULTY_BUCKETS.len() as f64) as usize).min(DIFFICULTY_BUCKETS.len() - 1)
+}
+
+/// Sets `gauge{bucket}` to the mean post-adaptation loss of the summary's tasks in each bucket (buckets
+/// without a task keep their last value).
+fn export_loss_by_difficulty(gauge: &'static str, s: &BatchSummary) {
+    let mut sums = [(0.0f64, 0usize); DIFFICULTY_BUCKETS.len()];
+    for (&loss, &d) in s.task_post_loss.iter().zip(&s.task_difficulty) {
+        let b = &mut sums[bucket_of(d)];
+        b.0 += loss;
+        b.1 += 1;
+    }
+    for (label, (sum, n)) in DIFFICULTY_BUCKETS.iter().zip(sums) {
+        if n > 0 {
+            metrics::gauge!(gauge, "bucket" => *label).set(sum / n as f64);
+        }
+    }
 }
 
 impl Trainer {
@@ -106,12 +150,15 @@ impl Trainer {
         let layout = spec.layout();
         let params = spec.init_params(config.seed);
         let adam = Adam::new(&config.train, layout.numel());
+        let curriculum = Curriculum::new(&config.curriculum);
         let scheduler = Scheduler::new(Duration::from_secs_f64(config.cluster.task_timeout_secs));
         Trainer {
             config,
             layout,
             params,
             adam,
+            curriculum,
+            window: Window::default(),
             scheduler,
             workers: BTreeMap::new(),
             events,
@@ -128,6 +175,7 @@ impl Trainer {
             results_rejected: 0,
             max_workers: 0,
             reassigned_before: 0,
+            defence_counts: DefenceCounts::default(),
         }
     }
 
@@ -157,6 +205,9 @@ impl Trainer {
                 tasks_reassigned: self.tasks_reassigned(),
                 results_rejected: self.results_rejected,
                 next_task: self.next_task,
+                curriculum: Some(self.curriculum.state()),
+                defence_window: Some(self.window.state()),
+                defence_counts: self.defence_counts,
             },
             params: self.params.clone(),
             adam_m: m.to_vec(),
@@ -175,6 +226,13 @@ impl Trainer {
         self.reassigned_before = c.header.tasks_reassigned;
         self.results_rejected = c.header.results_rejected;
         self.next_task = c.header.next_task;
+        if let Some(state) = &c.header.curriculum {
+            self.curriculum.restore(state)?;
+        }
+        if let Some(w) = &c.header.defence_window {
+            self.window = Window::restore(w)?;
+        }
+        self.defence_counts = c.header.defence_counts;
         Ok(())
     }
 
@@ -185,10 +243,21 @@ impl Trainer {
         specs: Vec<TaskSpec>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<BatchSummary, RunError> {
+        let corrupted: Vec<bool> = specs
+            .iter()
+            .map(|s| metatrain_common::task::corrupt::corruption(&self.config.corrupt, s).is_some())
+            .collect();
         let summary = self.run_batch(step, specs, Mode::Train, stop).await?;
-        if let Some(g) = &summary.mean_grad {
-            self.adam.step(&mut self.params, g);
+        match &summary.mean_grad {
+            Some(g) => self.adam.step(&mut self.params, g),
+            None => {
+                self.defence_counts.steps_skipped += 1;
+                metrics::counter!("metatrain_meta_steps_skipped_total").increment(1);
+                tracing::warn!("step {step}: every task was quarantined; no update applied");
+            }
         }
+        self.count_defence(&summary, &corrupted);
+        export_loss_by_difficulty("metatrain_meta_train_loss_by_difficulty", &summary);
         metrics::counter!("metatrain_meta_steps_total").increment(1);
         metrics::gauge!("metatrain_params_version").set((step + 1) as f64);
         metrics::gauge!("metatrain_meta_train_loss").set(summary.post_loss.mean);
@@ -208,6 +277,7 @@ impl Trainer {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<BatchSummary, RunError> {
         let s = self.run_batch(version, specs, Mode::Eval, stop).await?;
+        export_loss_by_difficulty("metatrain_meta_test_loss_by_difficulty", &s);
         metrics::gauge!("metatrain_meta_test_loss").set(s.post_loss.mean);
         metrics::gauge!("metatrain_meta_test_pre_adapt_loss").set(s.pre_loss.mean);
         if let Some(a) = s.post_accuracy {
@@ -233,7 +303,8 @@ impl Trainer {
             })
             .collect();
         let by_id: HashMap<TaskId, TaskSpec> = assignments.iter().map(|a| (a.id, a.spec)).collect();
-        let mut collector = BatchCollector::new(assignments.len(), (mode == Mode::Train).then_some(numel));
+        let hold = mode == Mode::Train && self.config.defence.holds_gradients();
+        let mut collector = BatchCollector::new(assignments.len(), (mode == Mode::Train).then_some(numel), hold);
         let actions = self.scheduler.start_batch(version, assignments, Instant::now());
         self.dispatch(actions, version, &payload);
         let mut tick = tokio::time::interval(TICK);
@@ -269,7 +340,24 @@ impl Trainer {
                 _ = stop.changed() => return Err(RunError::Interrupted),
             }
         }
-        Ok(collector.finish(self.config.train.max_grad_norm))
+        let defence = hold.then_some((&self.config.defence, &mut self.window));
+        Ok(collector.finish(self.config.train.max_grad_norm, defence))
+    }
+
+    /// Counts corrupted and quarantined tasks of a finished training step.
+    fn count_defence(&mut self, s: &BatchSummary, corrupted: &[bool]) {
+        let c = &mut self.defence_counts;
+        let n_corrupted = corrupted.iter().filter(|&&x| x).count() as u64;
+        c.tasks_corrupted += n_corrupted;
+        metrics::counter!("metatrain_tasks_corrupted_total").increment(n_corrupted);
+        for (score, &dirty) in s.scores.iter().zip(corrupted) {
+            let Some(reason) = score.quarantined else { continue };
+            c.tasks_quarantined += 1;
+            c.quarantined_corrupted += u64::from(dirty);
+            let dirty = if dirty { "true" } else { "false" };
+            metrics::counter!("metatrain_tasks_quarantined_total", "reason" => reason.label(), "corrupted" => dirty)
+                .increment(1);
+        }
     }
 
     fn handle(

@@ -389,7 +389,7 @@ mod tests {
             .map(|i| Assignment {
                 id: first_id + i as u64,
                 version,
-                spec: TaskSpec { seed: 0, split: Split::Train, step: version, index: i as u32 },
+                spec: TaskSpec::new(0, Split::Train, version, i as u32),
                 mode: Mode::Train,
             })
             .collect()

@@ -12,12 +12,15 @@ use clap::Args;
 use metatrain_common::config::Config;
 use metatrain_common::layout::params_sha256;
 use metatrain_common::net::{install_prometheus_labelled, load_or_init_coordinator, serve_metrics, server_endpoint};
+use metatrain_common::task::Competence;
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::local::{dial_address, find_worker_binary, shared_capacity, LocalSpec, LocalWorkers};
 use crate::progress::Progress;
-use crate::report::{config_json, write_json_atomic, write_params, EvalReport, MetricsCsv, Report};
+use crate::report::{
+    config_json, write_json_atomic, write_params, CurriculumReport, DefenceReport, EvalReport, MetricsCsv, Report,
+};
 use crate::run::{RunError, Trainer};
 use crate::sampler;
 use crate::server::{self, Quarantine, ServerContext};
@@ -360,6 +363,8 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
         tasks_duplicated: trainer.tasks_duplicated(),
         results_rejected: trainer.results_rejected,
         max_workers: trainer.max_workers,
+        curriculum: CurriculumReport::of(&config, &trainer.curriculum, final_step),
+        defence: DefenceReport::of(&config, trainer.defence_counts),
     };
     write_json_atomic(&out.join("report.json"), &report)?;
     let title = format!("{} · {} · {}", config.task.describe(), config.algo.name.name(), config.model.name.name());
@@ -417,11 +422,13 @@ async fn train_loop(
     let mut last_eval = String::new();
     for step in start..steps {
         let t = Instant::now();
-        let specs = sampler::train_batch(config.seed, step, config.train.meta_batch);
+        let competence = Competence::from_fraction(trainer.curriculum.competence(step));
+        metrics::gauge!("metatrain_curriculum_competence").set(competence.fraction());
+        let specs = sampler::train_batch(config.seed, step, config.train.meta_batch, competence);
         let s = trainer.train_step(step, specs, &mut stop).await.map_err(|e| (step, e))?;
         let secs = t.elapsed().as_secs_f64();
         metrics::histogram!("metatrain_step_duration_seconds").record(secs);
-        csv.row("train", step + 1, &s, secs, started.elapsed().as_secs_f64())
+        csv.row("train", step + 1, &s, secs, started.elapsed().as_secs_f64(), competence.fraction())
             .map_err(|e| (step + 1, RunError::Io(e.to_string())))?;
         if config.eval.every > 0 && (step + 1) % config.eval.every == 0 && step + 1 < steps {
             let t = Instant::now();
@@ -429,10 +436,22 @@ async fn train_loop(
                 .evaluate(step + 1, sampler::eval_batch(config.seed, config.eval.tasks), &mut stop)
                 .await
                 .map_err(|e| (step + 1, e))?;
-            csv.row("eval", step + 1, &e, t.elapsed().as_secs_f64(), started.elapsed().as_secs_f64())
-                .map_err(|e| (step + 1, RunError::Io(e.to_string())))?;
+            csv.row(
+                "eval",
+                step + 1,
+                &e,
+                t.elapsed().as_secs_f64(),
+                started.elapsed().as_secs_f64(),
+                competence.fraction(),
+            )
+            .map_err(|e| (step + 1, RunError::Io(e.to_string())))?;
             last_eval = describe_eval(&e);
             progress.println(&format!("step {}: eval {last_eval}", step + 1));
+            if trainer.curriculum.observe_eval(e.post_loss.mean) {
+                let next = Competence::from_fraction(trainer.curriculum.competence(step + 1)).fraction();
+                progress
+                    .println(&format!("step {}: held-out loss stopped improving; competence → {next:.2}", step + 1));
+            }
         }
         progress.update(
             step + 1,
@@ -461,7 +480,7 @@ async fn train_loop(
         .evaluate(steps, sampler::final_eval_batch(config.seed, config.eval.final_tasks), &mut stop)
         .await
         .map_err(|e| (steps, e))?;
-    csv.row("eval", steps, &e, t.elapsed().as_secs_f64(), started.elapsed().as_secs_f64())
+    csv.row("eval", steps, &e, t.elapsed().as_secs_f64(), started.elapsed().as_secs_f64(), 1.0)
         .map_err(|e| (steps, RunError::Io(e.to_string())))?;
     Ok((steps, Some(EvalReport::from_summary(&e, config.eval.inner_steps))))
 }
@@ -484,6 +503,16 @@ fn print_summary(r: &Report, out: &Path) {
         );
         if let (Some(a), Some(ci)) = (e.accuracy, e.accuracy_ci95) {
             println!("held-out accuracy {:.2}% ± {:.2}%", 100.0 * a, 100.0 * ci);
+        }
+    }
+    if let Some(d) = &r.defence {
+        print!(
+            "corrupted tasks {}, quarantined {} ({} of them corrupted",
+            d.tasks_corrupted, d.tasks_quarantined, d.quarantined_corrupted
+        );
+        match (d.quarantine_precision, d.quarantine_recall) {
+            (Some(p), Some(rc)) => println!("; precision {:.1}%, recall {:.1}%)", 100.0 * p, 100.0 * rc),
+            _ => println!(")"),
         }
     }
     if r.interrupted {

@@ -23,7 +23,7 @@ const INPUTS: usize = 120_000;
 const NUMEL: usize = 16;
 
 fn seeds() -> Vec<Vec<u8>> {
-    let spec = TaskSpec { seed: 1, split: Split::Train, step: 0, index: 0 };
+    let spec = TaskSpec::new(1, Split::Train, 0, 0);
     let result = |grad: &[f32], mode| {
         (
             Message::Result(TaskResult {
@@ -35,6 +35,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 pre_accuracy: Some(0.2),
                 post_accuracy: Some(0.9),
                 compute_seconds: 0.01,
+                difficulty: 0.5,
                 grad_dtype: Dtype::F32,
                 grad_len: grad.len() as u64,
             }),
@@ -93,7 +94,7 @@ fn frames_and_message_handling_never_panic() {
         .map(|i| Assignment {
             id: i + 1,
             version: 0,
-            spec: TaskSpec { seed: 1, split: Split::Train, step: 0, index: i as u32 },
+            spec: TaskSpec::new(1, Split::Train, 0, i as u32),
             mode: Mode::Train,
         })
         .collect();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use metatrain_common::net::{
     client_endpoint, install_crypto_provider, read_frame, server_name, write_frame, ServerTrust,
 };
-use metatrain_common::protocol::{Hello, Limits, Message, FRAME_MAGIC};
+use metatrain_common::protocol::{Hello, Limits, Message, FRAME_MAGIC, PROTOCOL_VERSION};
 use metatrain_tests::{
     binary, coordinator_address, issued_identity, read_report, root, scratch, worker, worker_cert_args, Proc,
 };
@@ -85,7 +85,7 @@ fn hostile_peers_are_disconnected_and_the_run_completes() {
         write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("send hello");
         match read_frame(&mut recv, &Limits::CONTROL).await.expect("reply").map(|f| f.message) {
             Some(Message::Refused { reason }) => {
-                assert!(reason.contains("v99") && reason.contains("v1"), "{reason}");
+                assert!(reason.contains("v99") && reason.contains(&format!("v{PROTOCOL_VERSION}")), "{reason}");
             }
             other => panic!("expected Refused, got {other:?}"),
         }

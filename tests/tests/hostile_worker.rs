@@ -31,6 +31,7 @@ fn result_for(a: &Assignment, len: usize) -> TaskResult {
         pre_accuracy: None,
         post_accuracy: None,
         compute_seconds: 0.001,
+        difficulty: 0.5,
         grad_dtype: Dtype::F32,
         grad_len: len as u64,
     }

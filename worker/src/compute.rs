@@ -78,7 +78,7 @@ pub fn spawn_pool(
 pub fn run_task(ctx: &ComputeContext, job: &Job) -> Result<(TaskResult, Vec<f32>), String> {
     let started = Instant::now();
     let a = &job.assignment;
-    let data = generate(&ctx.config.task, &a.spec, &ctx.datasets).map_err(|e| e.to_string())?;
+    let data = generate(&ctx.config, &a.spec, &ctx.datasets).map_err(|e| e.to_string())?;
     let task = task_tensors(&data, Kind::Float).to_device(ctx.device);
     let params: Vec<_> =
         params_from_flat(&ctx.layout, &job.params, Kind::Float).into_iter().map(|t| t.to_device(ctx.device)).collect();
@@ -111,6 +111,7 @@ pub fn run_task(ctx: &ComputeContext, job: &Job) -> Result<(TaskResult, Vec<f32>
         pre_accuracy: output.pre_accuracy.map(|v| v as f32),
         post_accuracy: output.post_accuracy.map(|v| v as f32),
         compute_seconds: started.elapsed().as_secs_f32(),
+        difficulty: data.difficulty as f32,
         grad_dtype: Dtype::F32,
         grad_len: grad.len() as u64,
     };

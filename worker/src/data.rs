@@ -2,15 +2,17 @@
 //!
 //! The data directory is `--data-dir`, else `$METATRAIN_DATA_DIR`, else `shared/data` or `../shared/data`
 //! relative to the current directory or to the binary's checkout (`<repo>/target/<profile>/` → `<repo>/..`).
-//! Each `.npz` is checked against `omniglot/SHA256SUMS` when that file lists it.
+//! Each `.npz` is checked against `omniglot/SHA256SUMS` when that file lists it. `omniglot/alphabets.tsv`
+//! gives each character its alphabet (for the episodes' difficulty); without it every character counts as
+//! its own alphabet, which a curriculum cannot work with.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use metatrain_common::config::{Config, TaskConfig};
+use metatrain_common::config::{Config, Schedule, TaskConfig};
 use metatrain_common::layout::sha256_hex;
-use metatrain_common::omniglot::OmniglotSet;
+use metatrain_common::omniglot::{alphabets, OmniglotSet};
 use metatrain_common::task::Datasets;
 
 /// Resolves the data directory (see the module doc). `None` when nothing plausible exists.
@@ -37,9 +39,34 @@ pub fn load_datasets(config: &Config, data_dir: Option<&Path>) -> Result<Dataset
     let dir = resolve_data_dir(data_dir)
         .context("Omniglot tasks need the data directory: pass --data-dir DIR (holding omniglot/images_background.npz) or set METATRAIN_DATA_DIR")?;
     let omni = dir.join("omniglot");
+    let tsv = omni.join("alphabets.tsv");
+    let alphabets = match std::fs::metadata(&tsv) {
+        Ok(m) if m.len() as usize <= alphabets::MAX_BYTES => {
+            Some(std::fs::read_to_string(&tsv).with_context(|| format!("cannot read {}", tsv.display()))?)
+        }
+        Ok(m) => bail!("{} is {} bytes; an alphabets file is a few KB", tsv.display(), m.len()),
+        Err(_) if config.curriculum.schedule != Schedule::None => {
+            bail!("a curriculum on Omniglot needs {} (each character's alphabet)", tsv.display())
+        }
+        Err(_) => {
+            tracing::warn!(
+                "{} not found: every character counts as its own alphabet (episode difficulty 0)",
+                tsv.display()
+            );
+            None
+        }
+    };
+    let load = |file: &str, split: &str| -> Result<Arc<OmniglotSet>> {
+        let mut set = load_npz(&omni, file)?;
+        if let Some(text) = &alphabets {
+            let rows = alphabets::parse(text, split, set.n_chars()).with_context(|| format!("in {}", tsv.display()))?;
+            set = set.with_alphabets(rows)?;
+        }
+        Ok(Arc::new(set))
+    };
     Ok(Datasets {
-        omniglot_background: Some(Arc::new(load_npz(&omni, "images_background.npz")?)),
-        omniglot_evaluation: Some(Arc::new(load_npz(&omni, "images_evaluation.npz")?)),
+        omniglot_background: Some(load("images_background.npz", "background")?),
+        omniglot_evaluation: Some(load("images_evaluation.npz", "evaluation")?),
     })
 }
 

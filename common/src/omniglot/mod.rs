@@ -209,12 +209,27 @@ pub enum OmniglotError {
     },
 }
 
+/// Why `alphabets.tsv` could not be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AlphabetError {
+    #[error("alphabets.tsv is {0} bytes, more than the {max} accepted", max = alphabets::MAX_BYTES)]
+    TooLarge(usize),
+    #[error("alphabets.tsv line {line}: {why}")]
+    Line { line: usize, why: String },
+    #[error("alphabets.tsv assigns no alphabet to row {row} of the {set} split")]
+    Uncovered { set: String, row: usize },
+    #[error("{got} alphabet entries for a set of {n_chars} characters")]
+    WrongLength { got: usize, n_chars: usize },
+}
+
 /// A split of Omniglot, resized: `n_chars` characters × [`DRAWERS`] drawings × [`PIXELS`] values in `[0, 1]`
-/// (ink = 1.0, background = 0.0), row-major 28×28 images.
+/// (ink = 1.0, background = 0.0), row-major 28×28 images, and each character's alphabet.
 #[derive(Clone, PartialEq)]
 pub struct OmniglotSet {
     /// Number of characters (at least 1).
     n_chars: usize,
+    /// Alphabet number of each character; without `alphabets.tsv`, each character is its own.
+    alphabet: Vec<u32>,
     /// `n_chars * DRAWERS * PIXELS` values; image `(c, d)` starts at `(c * DRAWERS + d) * PIXELS`.
     images: Vec<f32>,
 }
@@ -248,7 +263,21 @@ impl OmniglotSet {
             images.extend_from_slice(&resized);
         })?;
         images.shrink_to_fit();
-        Ok(Self { n_chars, images })
+        Ok(Self { n_chars, alphabet: (0..n_chars as u32).collect(), images })
+    }
+
+    /// The same set with each character's alphabet (from [`alphabets::parse`]).
+    pub fn with_alphabets(mut self, alphabet: Vec<u32>) -> Result<Self, AlphabetError> {
+        if alphabet.len() != self.n_chars {
+            return Err(AlphabetError::WrongLength { got: alphabet.len(), n_chars: self.n_chars });
+        }
+        self.alphabet = alphabet;
+        Ok(self)
+    }
+
+    /// Alphabet number of character `ch` (panics only on an out-of-range index, a caller's bug).
+    pub fn alphabet_of(&self, ch: usize) -> u32 {
+        self.alphabet[ch]
     }
 
     /// Number of characters (classes) in the set.
@@ -282,7 +311,7 @@ impl OmniglotSet {
         if let Some((index, &value)) = images.iter().enumerate().find(|(_, v)| !(0.0..=1.0).contains(*v)) {
             return Err(OmniglotError::ValueOutOfRange { index, value });
         }
-        Ok(Self { n_chars, images })
+        Ok(Self { n_chars, alphabet: (0..n_chars as u32).collect(), images })
     }
 }
 
@@ -527,6 +556,7 @@ fn check_labels(r: &mut impl Read, n_chars: usize) -> Result<(), OmniglotError> 
     expect_end(r, LABELS_ENTRY, expected)
 }
 
+pub mod alphabets;
 mod npy;
 #[cfg(test)]
 mod tests;

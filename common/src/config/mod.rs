@@ -7,6 +7,12 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod curriculum;
+pub use curriculum::{
+    Aggregation, CorruptConfig, Corruption, CurriculumConfig, DefenceConfig, QuarantineMode, Schedule,
+    MAX_DEFENCE_WINDOW,
+};
+
 #[derive(Debug, Error, PartialEq)]
 pub enum ConfigError {
     #[error("config is not valid TOML or has a wrong field: {0}")]
@@ -17,7 +23,7 @@ pub enum ConfigError {
     BadOverride(String),
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field: field.to_string(), message: message.into() }
 }
 
@@ -35,6 +41,12 @@ pub struct Config {
     pub eval: EvalConfig,
     pub cluster: ClusterConfig,
     pub checkpoint: CheckpointConfig,
+    /// Which task difficulties the sampler draws as the run goes. Default: none (all from the start).
+    pub curriculum: CurriculumConfig,
+    /// Training tasks corrupted on purpose (experiments, tests). Default: none.
+    pub corrupt: CorruptConfig,
+    /// Outlier quarantine and robust aggregation of meta-gradients. Default: off, plain mean.
+    pub defence: DefenceConfig,
 }
 
 impl Default for Config {
@@ -48,6 +60,9 @@ impl Default for Config {
             eval: EvalConfig::default(),
             cluster: ClusterConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            curriculum: CurriculumConfig::default(),
+            corrupt: CorruptConfig::default(),
+            defence: DefenceConfig::default(),
         }
     }
 }
@@ -285,6 +300,7 @@ pub const MIN_TASK_TIMEOUT_SECS: f64 = 0.01;
 pub const MAX_TASK_TIMEOUT_SECS: f64 = 1e6;
 
 /// Config keys that may change when a run is resumed: they do not change the parameters' trajectory.
+/// (With an adaptive curriculum the periodic evaluations do, and only `eval.final_tasks` may change.)
 pub const RESUMABLE_PREFIXES: &[&str] = &["train.steps", "eval.", "cluster.", "checkpoint."];
 
 impl Config {
@@ -293,8 +309,11 @@ impl Config {
     pub fn resume_conflicts(&self, other: &Config) -> Vec<String> {
         let (a, b) = (flatten(self), flatten(other));
         let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        // An adaptive curriculum advances on the periodic evaluations' losses: then they steer the run.
+        let adaptive = [self, other].iter().any(|c| c.curriculum.schedule == Schedule::Adaptive);
+        let steers = |k: &str| adaptive && k.starts_with("eval.") && k != "eval.final_tasks";
         keys.into_iter()
-            .filter(|k| !RESUMABLE_PREFIXES.iter().any(|p| k.starts_with(p)))
+            .filter(|k| steers(k) || !RESUMABLE_PREFIXES.iter().any(|p| k.starts_with(p)))
             .filter(|k| a.get(*k) != b.get(*k))
             .map(|k| {
                 let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
@@ -423,6 +442,7 @@ impl Config {
                 ),
             ));
         }
+        curriculum::validate(&self.curriculum, &self.corrupt, &self.defence, self.eval.every)?;
         Ok(())
     }
 
@@ -575,6 +595,19 @@ mod tests {
         assert_eq!(c.len(), 2, "{c:?}");
         assert!(c.iter().any(|l| l.starts_with("train.meta_lr: 0.001 in the checkpoint, 0.5 now")), "{c:?}");
         assert!(c.iter().any(|l| l.starts_with("algo.name")), "{c:?}");
+    }
+
+    #[test]
+    fn an_adaptive_curriculum_makes_the_periodic_evaluations_part_of_the_run() {
+        let mut a = Config::default();
+        a.curriculum.schedule = Schedule::Adaptive;
+        let mut b = a.clone();
+        b.eval.final_tasks = 10;
+        b.train.steps = 5000;
+        assert!(a.resume_conflicts(&b).is_empty());
+        b.eval.every = 7;
+        let c = a.resume_conflicts(&b);
+        assert!(c.len() == 1 && c[0].starts_with("eval.every"), "{c:?}");
     }
 
     #[test]
