@@ -37,7 +37,18 @@ enum Command {
     Status(StatusArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors are printed as one line of causes (`error: outer: inner`), never with a backtrace, and exit 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(|| metatrain_coordinator::progress::LogWriter)

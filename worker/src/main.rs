@@ -110,7 +110,18 @@ fn parse_device(s: &str) -> Result<Device, String> {
     Err(format!("expected cpu or cuda:N, got {s:?}"))
 }
 
-fn main() -> Result<()> {
+/// Errors are printed as one line of causes (`error: outer: inner`), never with a backtrace, and exit 1.
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

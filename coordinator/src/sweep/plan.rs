@@ -11,7 +11,11 @@
 //! [[runs]]                          # and/or a list of named runs
 //! name = "layernorm"
 //! set = { "model.name" = "mlp-ln" }
+//! # seeds = [0, 1, 2]               # optional: every run above once per seed, named `<run>-seed=S`
 //! ```
+//!
+//! With `seeds`, each run of the grid or list is a *group* of replicates that differ only in `seed`;
+//! the summary then also compares groups by their mean over seeds (see [`super::summary`]).
 
 use std::collections::BTreeSet;
 
@@ -39,6 +43,10 @@ pub enum PlanError {
     DuplicateName(String),
     #[error("value of {0:?} must be a number, string or boolean")]
     BadValue(String),
+    #[error("`seeds` repeats every run once per seed, so {0:?} may not also set `seed`")]
+    SeedTwice(String),
+    #[error("`seeds` lists {0} twice")]
+    DuplicateSeed(u64),
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +60,9 @@ pub struct SweepFile {
     grid: toml::Table,
     #[serde(default)]
     runs: Vec<ListedRun>,
+    /// Replicates: every run once per seed (empty: each run once, with the base config's seed).
+    #[serde(default)]
+    seeds: Vec<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +80,8 @@ pub struct PlannedRun {
     pub overrides: Vec<String>,
     /// The overrides that distinguish this run (grid values or the listed run's own), for the summary.
     pub varies: Vec<(String, String)>,
+    /// With `seeds`: the replicate group's name (the run's name without `-seed=S`) and this run's seed.
+    pub replicate: Option<(String, u64)>,
 }
 
 impl SweepFile {
@@ -106,7 +119,7 @@ impl SweepFile {
                     .collect();
             }
         }
-        let total = combos.len() + self.runs.len();
+        let total = (combos.len() + self.runs.len()) * self.seeds.len().max(1);
         if total == 0 {
             return Err(PlanError::Empty);
         }
@@ -137,6 +150,9 @@ impl SweepFile {
             }
             out.push(planned(r.name.clone(), &fixed, overrides(&r.set)?));
         }
+        if !self.seeds.is_empty() {
+            out = self.replicate(out)?;
+        }
         let mut seen = BTreeSet::new();
         for r in &out {
             if !seen.insert(r.name.clone()) {
@@ -147,9 +163,33 @@ impl SweepFile {
     }
 }
 
+impl SweepFile {
+    /// Every run once per seed, seeds in the order written (run-major, so each group's replicates sit together).
+    fn replicate(&self, runs: Vec<PlannedRun>) -> Result<Vec<PlannedRun>, PlanError> {
+        let mut seen = BTreeSet::new();
+        if let Some(dup) = self.seeds.iter().find(|s| !seen.insert(**s)) {
+            return Err(PlanError::DuplicateSeed(*dup));
+        }
+        let mut out = Vec::with_capacity(runs.len() * self.seeds.len());
+        for r in runs {
+            if r.overrides.iter().any(|o| o.split_once('=').is_some_and(|(k, _)| k == "seed")) {
+                return Err(PlanError::SeedTwice(r.name));
+            }
+            for &seed in &self.seeds {
+                let mut run = r.clone();
+                run.name = format!("{}-seed={seed}", r.name);
+                run.overrides.push(format!("seed={seed}"));
+                run.replicate = Some((r.name.clone(), seed));
+                out.push(run);
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn planned(name: String, fixed: &[(String, String)], varies: Vec<(String, String)>) -> PlannedRun {
     let overrides = fixed.iter().chain(&varies).map(|(k, v)| format!("{k}={v}")).collect();
-    PlannedRun { name, overrides, varies }
+    PlannedRun { name, overrides, varies, replicate: None }
 }
 
 /// `[set]`-style tables as `(key, TOML value)`, nested tables flattened to dotted keys.
@@ -217,6 +257,28 @@ mod tests {
         assert_eq!(bad.runs(), Err(PlanError::BadName("../x".into())));
         let dup = SweepFile::parse("base = \"b\"\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"a\"\n").unwrap();
         assert_eq!(dup.runs(), Err(PlanError::DuplicateName("a".into())));
+    }
+
+    #[test]
+    fn seeds_replicate_every_run_and_may_not_be_set_twice() {
+        let f = SweepFile::parse(
+            "base = \"b\"\nseeds = [3, 1]\n[grid]\n\"algo.name\" = [\"maml\", \"fomaml\"]\n[[runs]]\nname = \"ln\"\n",
+        )
+        .unwrap();
+        let runs = f.runs().unwrap();
+        let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["r00-name=maml-seed=3", "r00-name=maml-seed=1", "r01-name=fomaml-seed=3", "r01-name=fomaml-seed=1", "ln-seed=3", "ln-seed=1"]);
+        assert_eq!(runs[1].overrides, vec!["algo.name=\"maml\"", "seed=1"]);
+        assert_eq!(runs[1].replicate, Some(("r00-name=maml".to_string(), 1)));
+        assert_eq!(runs[4].overrides, vec!["seed=3"]);
+        let twice = SweepFile::parse("base = \"b\"\nseeds = [1]\n[grid]\nseed = [1, 2]\n").unwrap();
+        assert!(matches!(twice.runs(), Err(PlanError::SeedTwice(_))));
+        let in_set = SweepFile::parse("base = \"b\"\nseeds = [1]\n[set]\nseed = 4\n[[runs]]\nname = \"a\"\n").unwrap();
+        assert_eq!(in_set.runs(), Err(PlanError::SeedTwice("a".into())));
+        let dup = SweepFile::parse("base = \"b\"\nseeds = [1, 1]\n[[runs]]\nname = \"a\"\n").unwrap();
+        assert_eq!(dup.runs(), Err(PlanError::DuplicateSeed(1)));
+        let many = SweepFile::parse("base = \"b\"\nseeds = [0,1,2,3,4,5,6,7,8,9]\n[grid]\na = [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26]\n").unwrap();
+        assert_eq!(many.runs(), Err(PlanError::TooMany(260)));
     }
 
     #[test]
