@@ -16,7 +16,7 @@ use metatrain_common::protocol::{Mode, TaskResult};
 use metatrain_common::tensor::{decode_f32, TensorError};
 use thiserror::Error;
 
-use crate::defence::{self, Score, Window};
+use crate::defence::{self, Score, TaskStats, Window};
 
 /// A validated task result.
 #[derive(Clone, Debug, PartialEq)]
@@ -124,8 +124,8 @@ pub fn mean_ci(xs: &[f64]) -> MeanCi {
 
 /// Two-sided 95 % quantiles of Student's t for 1..=30 degrees of freedom.
 const T95: [f64; 30] = [
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
+    2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 ];
 
 /// Mean and 95 % CI half-width from Student's t with n − 1 degrees of freedom: for a handful of samples
@@ -244,7 +244,9 @@ impl BatchCollector {
         let reduced: Option<Vec<f64>> = match (self.grad_sum, &self.held, defence) {
             (Some(sum), _, _) => Some(sum.iter().map(|s| s / n).collect()),
             (None, Some(held), Some((cfg, window))) => {
-                let batch: Vec<(f64, f64)> = self.post.iter().copied().zip(self.norms.iter().copied()).collect();
+                let batch: Vec<TaskStats> = (self.pre.iter().zip(&self.post).zip(&self.norms))
+                    .map(|((&pre_loss, &post_loss), &grad_norm)| TaskStats { pre_loss, post_loss, grad_norm })
+                    .collect();
                 scores = window.score_batch(&batch, cfg);
                 let weights: Vec<f64> = scores.iter().map(|s| s.weight).collect();
                 let grads: Vec<&[f32]> = held.iter().map(Vec::as_slice).collect();
@@ -394,9 +396,10 @@ mod tests {
         let cfg = DefenceConfig { quarantine: QuarantineMode::Skip, ..DefenceConfig::default() };
         let mut c = BatchCollector::new(6, Some(1), true);
         for i in 0..6 {
-            // Five ordinary tasks and one whose loss and gradient are 10⁴ times larger.
+            // Five ordinary tasks and one whose losses and gradient are 10⁴ times larger.
             let mut o = outcome(vec![if i == 4 { 1e4 } else { 1.0 + 0.01 * i as f32 }]);
             o.post_loss = if i == 4 { 1e4 } else { 1.0 + 0.1 * i as f64 };
+            o.pre_loss = if i == 4 { 3e4 } else { 3.0 - 0.1 * i as f64 };
             c.insert(i, o);
         }
         let mut window = Window::default();

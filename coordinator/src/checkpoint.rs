@@ -228,6 +228,7 @@ mod tests {
                     evals_without_improvement: 1,
                 }),
                 defence_window: Some(crate::defence::WindowState {
+                    log_pre_bits: vec![0.5f64.to_bits(), 2.5f64.to_bits()],
                     log_loss_bits: vec![(-0.1f64).to_bits(), std::f64::consts::PI.to_bits()],
                     log_norm_bits: vec![1.5f64.to_bits(), 1e-300f64.to_bits()],
                 }),

@@ -2,17 +2,20 @@
 //! (skip or down-weight), and robust reductions beside the mean. I/O-free and deterministic: everything
 //! here is a function of the results in task-index order and of the window, which checkpoints carry.
 //!
-//! **Scoring.** For every training task two statistics are kept: the log of its post-adaptation query
-//! loss and the log of its meta-gradient's L2 norm (logs, because both are positive and right-skewed:
-//! a task ten times harder than usual is as unusual as one ten times easier is not). A task's robust
-//! z-score for each is `0.6745·(x − median)/MAD` (Iglewicz and Hoaglin's modified z-score; 0.6745 makes
-//! it comparable with a normal z), with median and MAD taken over the window's last `window` tasks *and*
-//! the current meta-batch, so the very first step is scored too. Only high values are suspect. When the
-//! MAD is 0 the mean absolute deviation (×1.2533) stands in; when that is 0 too nothing is an outlier.
-//! A task whose larger z exceeds `threshold` is quarantined: left out (`skip`) or weighted by
-//! `threshold / z` (`down-weight`). Every task of the batch then enters the window, quarantined or not,
-//! so that the window keeps describing the task distribution (leaving outliers out would shrink it and
-//! quarantine ever more).
+//! **Scoring.** For every training task three statistics are kept, each as a log (all are positive and
+//! right-skewed: a task ten times harder than usual is unusual, one ten times easier is not): its
+//! pre-adaptation query loss (the scale of its data: targets in other units or wild outliers show here
+//! first, and it does not depend on how well the inner loop behaves, so it works from the first step,
+//! when an untrained model's adapted losses still vary by orders of magnitude between clean tasks), its
+//! post-adaptation query loss (a task the inner loop cannot fit) and its meta-gradient's L2 norm. A
+//! task's robust z-score for each is `0.6745·(x − median)/MAD` (Iglewicz and Hoaglin's modified
+//! z-score; 0.6745 makes it comparable with a normal z), with median and MAD taken over the window's
+//! last `window` tasks *and* the current meta-batch, so the very first step is scored too. Only high
+//! values are suspect. When the MAD is 0 the mean absolute deviation (×1.2533) stands in; when that is 0
+//! too nothing is an outlier. A task whose largest z exceeds `threshold` is quarantined (the reason is
+//! the statistic with the largest z): left out (`skip`) or weighted by `threshold / z` (`down-weight`).
+//! Every task of the batch then enters the window, quarantined or not, so that the window keeps
+//! describing the task distribution (leaving outliers out would shrink it and quarantine ever more).
 //!
 //! **Reduction.** `mean`: Σ wᵢ gᵢ / Σ wᵢ, summed in index order in f64 (with every weight 1 this is
 //! bit for bit the plain mean of [`crate::aggregate`]). `trimmed-mean`: per coordinate, drop the ⌊trim·n⌋
@@ -31,28 +34,40 @@ const MEAN_AD_TO_SD: f64 = 1.253_314;
 /// Floor under logged losses and norms (a loss of exactly 0 is possible; its log is not).
 const LOG_FLOOR: f64 = 1e-30;
 
-/// Why a task was quarantined (a bounded metrics label).
+/// Why a task was quarantined (a bounded metrics label): the statistic with the largest z.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reason {
+    /// Its pre-adaptation loss (the scale of its data) is an outlier.
+    PreLoss,
     /// Its post-adaptation loss is an outlier.
     Loss,
-    /// Its meta-gradient's norm is an outlier (and its loss is not).
+    /// Its meta-gradient's norm is an outlier.
     GradNorm,
 }
 
 impl Reason {
     pub fn label(self) -> &'static str {
         match self {
+            Reason::PreLoss => "pre_loss",
             Reason::Loss => "loss",
             Reason::GradNorm => "grad_norm",
         }
     }
-    pub const ALL: [Reason; 2] = [Reason::Loss, Reason::GradNorm];
+    pub const ALL: [Reason; 3] = [Reason::PreLoss, Reason::Loss, Reason::GradNorm];
+}
+
+/// What the defence sees of one task.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TaskStats {
+    pub pre_loss: f64,
+    pub post_loss: f64,
+    pub grad_norm: f64,
 }
 
 /// One task's verdict.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Score {
+    pub z_pre: f64,
     pub z_loss: f64,
     pub z_norm: f64,
     /// Weight in the reduction: 1 for ordinary tasks, 0 for skipped ones, in (0, 1) when down-weighted.
@@ -60,9 +75,10 @@ pub struct Score {
     pub quarantined: Option<Reason>,
 }
 
-/// The most recent training tasks' log-loss and log-norm, oldest first.
+/// The most recent training tasks' log pre-loss, log post-loss and log gradient norm, oldest first.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Window {
+    log_pre: VecDeque<f64>,
     log_loss: VecDeque<f64>,
     log_norm: VecDeque<f64>,
 }
@@ -70,6 +86,7 @@ pub struct Window {
 /// A window as checkpoints store it: the f64 values' bits, so that a resumed run continues exactly.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WindowState {
+    pub log_pre_bits: Vec<u64>,
     pub log_loss_bits: Vec<u64>,
     pub log_norm_bits: Vec<u64>,
 }
@@ -84,13 +101,15 @@ impl Window {
     }
 
     pub fn state(&self) -> WindowState {
+        let bits = |q: &VecDeque<f64>| q.iter().map(|v| v.to_bits()).collect();
         WindowState {
-            log_loss_bits: self.log_loss.iter().map(|v| v.to_bits()).collect(),
-            log_norm_bits: self.log_norm.iter().map(|v| v.to_bits()).collect(),
+            log_pre_bits: bits(&self.log_pre),
+            log_loss_bits: bits(&self.log_loss),
+            log_norm_bits: bits(&self.log_norm),
         }
     }
 
-    /// Restores a saved window; refuses one whose two series differ in length or hold non-finite values.
+    /// Restores a saved window; refuses one whose series differ in length or hold non-finite values.
     pub fn restore(s: &WindowState) -> Result<Window, String> {
         let decode = |bits: &[u64]| -> Result<VecDeque<f64>, String> {
             bits.iter()
@@ -100,48 +119,47 @@ impl Window {
                 })
                 .collect()
         };
-        if s.log_loss_bits.len() != s.log_norm_bits.len() {
+        if s.log_loss_bits.len() != s.log_norm_bits.len() || s.log_pre_bits.len() != s.log_loss_bits.len() {
             return Err("the defence window's series differ in length".into());
         }
-        Ok(Window { log_loss: decode(&s.log_loss_bits)?, log_norm: decode(&s.log_norm_bits)? })
+        Ok(Window {
+            log_pre: decode(&s.log_pre_bits)?,
+            log_loss: decode(&s.log_loss_bits)?,
+            log_norm: decode(&s.log_norm_bits)?,
+        })
     }
 
-    /// Scores a batch (`(post_loss, grad_norm)` per task, in index order), then adds it to the window,
-    /// which keeps the last `cfg.window` tasks.
-    pub fn score_batch(&mut self, batch: &[(f64, f64)], cfg: &DefenceConfig) -> Vec<Score> {
-        let logs: Vec<(f64, f64)> =
-            batch.iter().map(|&(l, n)| (l.max(LOG_FLOOR).ln(), n.max(LOG_FLOOR).ln())).collect();
-        let reference = |past: &VecDeque<f64>, pick: fn(&(f64, f64)) -> f64| -> Vec<f64> {
-            past.iter().copied().chain(logs.iter().map(pick)).collect()
-        };
-        let loss_stats = Spread::of(reference(&self.log_loss, |p| p.0));
-        let norm_stats = Spread::of(reference(&self.log_norm, |p| p.1));
+    /// Scores a batch (one [`TaskStats`] per task, in index order), then adds it to the window, which
+    /// keeps the last `cfg.window` tasks.
+    pub fn score_batch(&mut self, batch: &[TaskStats], cfg: &DefenceConfig) -> Vec<Score> {
+        let log = |v: f64| v.max(LOG_FLOOR).ln();
+        let logs: Vec<[f64; 3]> = batch.iter().map(|t| [log(t.pre_loss), log(t.post_loss), log(t.grad_norm)]).collect();
+        let series = [&self.log_pre, &self.log_loss, &self.log_norm];
+        let spreads: Vec<Spread> =
+            (0..3).map(|k| Spread::of(series[k].iter().copied().chain(logs.iter().map(|l| l[k])).collect())).collect();
         let scores = logs
             .iter()
-            .map(|&(l, n)| {
-                let (z_loss, z_norm) = (loss_stats.z(l), norm_stats.z(n));
-                let quarantined = if cfg.quarantine == QuarantineMode::Off {
-                    None
-                } else if z_loss > cfg.threshold {
-                    Some(Reason::Loss)
-                } else if z_norm > cfg.threshold {
-                    Some(Reason::GradNorm)
-                } else {
-                    None
-                };
+            .map(|l| {
+                let z = [spreads[0].z(l[0]), spreads[1].z(l[1]), spreads[2].z(l[2])];
+                let (worst, z_max) =
+                    (0..3).map(|k| (k, z[k])).fold((0, f64::NEG_INFINITY), |a, b| if b.1 > a.1 { b } else { a });
+                let quarantined =
+                    (cfg.quarantine != QuarantineMode::Off && z_max > cfg.threshold).then_some(Reason::ALL[worst]);
                 let weight = match (quarantined, cfg.quarantine) {
                     (None, _) => 1.0,
-                    (Some(_), QuarantineMode::DownWeight) => cfg.threshold / z_loss.max(z_norm),
+                    (Some(_), QuarantineMode::DownWeight) => cfg.threshold / z_max,
                     (Some(_), _) => 0.0,
                 };
-                Score { z_loss, z_norm, weight, quarantined }
+                Score { z_pre: z[0], z_loss: z[1], z_norm: z[2], weight, quarantined }
             })
             .collect();
-        for (l, n) in logs {
-            self.log_loss.push_back(l);
-            self.log_norm.push_back(n);
+        for l in logs {
+            self.log_pre.push_back(l[0]);
+            self.log_loss.push_back(l[1]);
+            self.log_norm.push_back(l[2]);
         }
         while self.log_loss.len() > cfg.window {
+            self.log_pre.pop_front();
             self.log_loss.pop_front();
             self.log_norm.pop_front();
         }
@@ -235,16 +253,20 @@ mod tests {
         DefenceConfig { quarantine: mode, window: 100, ..DefenceConfig::default() }
     }
 
+    fn stats(pre_loss: f64, post_loss: f64, grad_norm: f64) -> TaskStats {
+        TaskStats { pre_loss, post_loss, grad_norm }
+    }
+
     #[test]
     fn the_modified_z_score_matches_its_definition() {
         // log-values 0, 1, 2, 3, 10: median 2, |dev| 2,1,0,1,8 → MAD 1.
-        let batch: Vec<(f64, f64)> = [0.0f64, 1.0, 2.0, 3.0, 10.0].iter().map(|&v| (v.exp(), 1.0)).collect();
+        let batch: Vec<TaskStats> = [0.0f64, 1.0, 2.0, 3.0, 10.0].iter().map(|&v| stats(2.0, v.exp(), 1.0)).collect();
         let mut w = Window::default();
         let s = w.score_batch(&batch, &cfg(QuarantineMode::Skip));
         for (k, want) in [0.0, 1.0, 2.0, 3.0, 10.0].iter().enumerate() {
             assert!((s[k].z_loss - 0.6745 * (want - 2.0)).abs() < 1e-9, "task {k}: {}", s[k].z_loss);
-            // All norms equal: no spread, no outlier.
-            assert_eq!(s[k].z_norm, 0.0);
+            // All norms and pre-losses equal: no spread, no outlier.
+            assert_eq!((s[k].z_norm, s[k].z_pre), (0.0, 0.0));
         }
         assert_eq!(s.iter().filter(|s| s.quarantined.is_some()).count(), 1);
         assert_eq!(s[4].quarantined, Some(Reason::Loss));
@@ -256,31 +278,42 @@ mod tests {
     fn scoring_uses_the_window_and_keeps_only_its_length() {
         let c = cfg(QuarantineMode::DownWeight);
         let mut w = Window::default();
-        // A history of ordinary tasks: losses around 1 (log ±0.1), norms around 2.
+        // A history of ordinary tasks: pre-losses around 3, losses around 1, norms around 2 (log ±0.2).
         for step in 0..10 {
-            let batch: Vec<(f64, f64)> =
-                (0..25).map(|i| ((0.1 * ((i + step) % 5) as f64 - 0.2).exp(), 2.0 + 0.01 * i as f64)).collect();
+            let batch: Vec<TaskStats> = (0..25)
+                .map(|i| {
+                    let wobble = (0.1 * ((i + step) % 5) as f64 - 0.2).exp();
+                    stats(3.0 * wobble, wobble, 2.0 * wobble)
+                })
+                .collect();
             assert!(w.score_batch(&batch, &c).iter().all(|s| s.quarantined.is_none()));
         }
         assert_eq!(w.len(), 100);
-        // One huge-scale task: loss ×10⁴ and gradient ×100. Alone in its batch it is still found.
-        let s = w.score_batch(&[(1e4, 200.0), (1.0, 2.0)], &c);
-        assert_eq!(s[0].quarantined, Some(Reason::Loss));
+        // One huge-scale task: pre-loss ×10⁴, adapted loss ×3000, gradient ×100. Alone in its batch it is found.
+        let s = w.score_batch(&[stats(3e4, 3e3, 200.0), stats(3.0, 1.0, 2.0)], &c);
+        assert_eq!(s[0].quarantined, Some(Reason::PreLoss));
         assert!(s[0].weight > 0.0 && s[0].weight < 0.1, "down-weighted by threshold / z: {}", s[0].weight);
-        assert_eq!(s[1], Score { z_loss: s[1].z_loss, z_norm: s[1].z_norm, weight: 1.0, quarantined: None });
-        // A task whose loss is ordinary but whose gradient is not.
-        let s = w.score_batch(&[(1.0, 5000.0)], &c);
+        assert_eq!(s[1], Score { weight: 1.0, quarantined: None, ..s[1] });
+        // A task whose data look ordinary but that adaptation cannot fit.
+        let s = w.score_batch(&[stats(3.0, 50.0, 2.0)], &c);
+        assert_eq!(s[0].quarantined, Some(Reason::Loss));
+        // A task whose losses are ordinary but whose gradient is not.
+        let s = w.score_batch(&[stats(3.0, 1.0, 5000.0)], &c);
         assert_eq!(s[0].quarantined, Some(Reason::GradNorm));
         // Off scores but never quarantines.
-        let s = w.clone().score_batch(&[(1e9, 1e9)], &cfg(QuarantineMode::Off));
+        let s = w.clone().score_batch(&[stats(1e9, 1e9, 1e9)], &cfg(QuarantineMode::Off));
         assert!(s[0].z_loss > 3.5 && s[0].quarantined.is_none() && s[0].weight == 1.0);
         // Save and restore are exact.
         let back = Window::restore(&w.state()).unwrap();
         assert_eq!(back, w);
-        assert!(
-            Window::restore(&WindowState { log_loss_bits: vec![f64::NAN.to_bits()], log_norm_bits: vec![0] }).is_err()
-        );
-        assert!(Window::restore(&WindowState { log_loss_bits: vec![0], log_norm_bits: vec![] }).is_err());
+        let state = |pre: Vec<u64>, loss: Vec<u64>, norm: Vec<u64>| WindowState {
+            log_pre_bits: pre,
+            log_loss_bits: loss,
+            log_norm_bits: norm,
+        };
+        assert!(Window::restore(&state(vec![0], vec![f64::NAN.to_bits()], vec![0])).is_err());
+        assert!(Window::restore(&state(vec![0], vec![0], vec![])).is_err());
+        assert!(Window::restore(&state(vec![], vec![0], vec![0])).is_err());
     }
 
     #[test]

@@ -267,7 +267,17 @@ mod tests {
         .unwrap();
         let runs = f.runs().unwrap();
         let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["r00-name=maml-seed=3", "r00-name=maml-seed=1", "r01-name=fomaml-seed=3", "r01-name=fomaml-seed=1", "ln-seed=3", "ln-seed=1"]);
+        assert_eq!(
+            names,
+            [
+                "r00-name=maml-seed=3",
+                "r00-name=maml-seed=1",
+                "r01-name=fomaml-seed=3",
+                "r01-name=fomaml-seed=1",
+                "ln-seed=3",
+                "ln-seed=1"
+            ]
+        );
         assert_eq!(runs[1].overrides, vec!["algo.name=\"maml\"", "seed=1"]);
         assert_eq!(runs[1].replicate, Some(("r00-name=maml".to_string(), 1)));
         assert_eq!(runs[4].overrides, vec!["seed=3"]);

@@ -139,11 +139,10 @@ pub fn write(dir: &Path, title: &str, rows: &[Row<'_>]) -> Result<String> {
         ));
     }
 
-    let (key, ci) = if classification { ("accuracy", "accuracy_ci95") } else { ("post_adapt_loss", "post_adapt_loss_ci95") };
-    let mut bars: Vec<(String, f64, f64)> = rows
-        .iter()
-        .filter_map(|r| Some((r.run.name.clone(), r.num(&["eval", key])?, r.num(&["eval", ci])?)))
-        .collect();
+    let (key, ci) =
+        if classification { ("accuracy", "accuracy_ci95") } else { ("post_adapt_loss", "post_adapt_loss_ci95") };
+    let mut bars: Vec<(String, f64, f64)> =
+        rows.iter().filter_map(|r| Some((r.run.name.clone(), r.num(&["eval", key])?, r.num(&["eval", ci])?))).collect();
     let mut x_desc = if classification { "held-out accuracy" } else { "held-out post-adaptation loss" }.to_string();
     let groups = groups(rows);
     if !groups.is_empty() {
@@ -206,10 +205,12 @@ fn groups_markdown(groups: &[Group], classification: bool) -> String {
     );
     md.push_str(if classification { " accuracy |\n|---|---|---|---|---|\n" } else { "\n|---|---|---|---|\n" });
     for g in groups {
-        md.push_str(&format!(
-            "| {} | {}/{} | {:.4} ± {:.4} | {:.4} ± {:.4} |",
-            g.name, g.finished, g.planned, g.pre.mean, g.pre.ci95, g.post.mean, g.post.ci95
-        ));
+        md.push_str(&format!("| {} | {}/{} |", g.name, g.finished, g.planned));
+        if g.finished == 0 {
+            md.push_str(if classification { " – | – | – |\n" } else { " – | – |\n" });
+            continue;
+        }
+        md.push_str(&format!(" {:.4} ± {:.4} | {:.4} ± {:.4} |", g.pre.mean, g.pre.ci95, g.post.mean, g.post.ci95));
         if classification {
             match g.accuracy {
                 Some(a) => md.push_str(&format!(" {:.2}% ± {:.2}% |", 100.0 * a.mean, 100.0 * a.ci95)),
@@ -274,6 +275,8 @@ mod tests {
         assert!((g[1].accuracy.unwrap().mean - 0.06).abs() < 1e-12);
         let md = groups_markdown(&g, true);
         assert!(md.contains("| a | 3/3 | 2.0000 ± 0.0000 | 2.0000 ± 2.4843 | 20.00% ± 24.84% |"), "{md}");
+        let none = [Row { run: &runs[0], outcome: Outcome::Pending, report: None }];
+        assert!(groups_markdown(&groups(&none), false).contains("| a | 0/1 | – | – |"));
         // Runs without seeds form no groups.
         let plain = PlannedRun { replicate: None, ..run("c", 0) };
         assert!(groups(&[Row { run: &plain, outcome: Outcome::Done, report: Some(report(1.0, 0.1)) }]).is_empty());
