@@ -9,6 +9,7 @@ Usage: scripts/check_deploy.py [DEPLOY_DIR]
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,25 @@ def main():
                 ok = ok and node is not None
             check(f"kustomization {kust.relative_to(deploy)} patches apply to existing fields", ok)
 
+    # Render every variant as kubectl would apply it (where kubectl is installed) and check that each
+    # ConfigMap a pod mounts is one the render creates (kustomize renames generated ConfigMaps only in
+    # the kinds it knows; a JobSet is not one of them).
+    if shutil.which("kubectl"):
+        for kust in sorted(k8s.rglob("kustomization.yaml")):
+            if kust.parent.name == "base":
+                continue
+            r = run(["kubectl", "kustomize", str(kust.parent)])
+            label = f"kubectl kustomize {kust.parent.relative_to(deploy)}"
+            check(label, r.returncode == 0, r.stderr.strip())
+            if r.returncode != 0:
+                continue
+            rendered = [d for d in yaml.safe_load_all(r.stdout) if d]
+            made = {d["metadata"]["name"] for d in rendered if d.get("kind") == "ConfigMap"}
+            mounted = set(configmap_refs(rendered))
+            check(f"{label}: mounted ConfigMaps exist", mounted and mounted <= made, f"mounts {mounted}, creates {made}")
+    else:
+        print("skip  kubectl kustomize renders (kubectl not installed)")
+
     r = run(["promtool", "check", "config", str(deploy / "prometheus/prometheus.yml")])
     check("promtool check config prometheus.yml", r.returncode == 0, (r.stdout + r.stderr).strip())
 
@@ -121,6 +141,18 @@ def main():
 
     print(f"{len(failures)} failure(s)")
     return 1 if failures else 0
+
+
+def configmap_refs(node):
+    """Names of ConfigMaps referenced by `configMap: {name: ...}` volumes anywhere under node."""
+    if isinstance(node, dict):
+        if isinstance(node.get("configMap"), dict) and "name" in node["configMap"]:
+            yield node["configMap"]["name"]
+        for v in node.values():
+            yield from configmap_refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from configmap_refs(v)
 
 
 def resolve(base):
