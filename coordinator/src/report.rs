@@ -139,7 +139,7 @@ pub struct MetricsCsv {
 pub const CSV_HEADER: &str = "kind,step,pre_adapt_loss,post_adapt_loss,post_adapt_loss_ci95,accuracy,accuracy_ci95,grad_norm,clipped,step_seconds,wall_seconds,competence,quarantined";
 
 impl MetricsCsv {
-    /// Opens `metrics.csv` for a run that has completed `step` meta-steps: a new file with a header at 0;
+    /// Opens `metrics.csv` for a run that has completed `step` meta-steps (its checkpoint's step): a new file with a header at 0;
     /// when resuming, the rows up to `step` are kept and later ones (written after the checkpoint by the
     /// interrupted process) are dropped, so the file matches the resumed run.
     pub fn open(path: &Path, step: u64) -> Result<Self> {
@@ -147,8 +147,13 @@ impl MetricsCsv {
         if step > 0 {
             if let Ok(text) = std::fs::read_to_string(path) {
                 for line in text.lines().skip(1) {
-                    let row_step = line.split(',').nth(1).and_then(|s| s.parse::<u64>().ok());
-                    if row_step.is_some_and(|s| s <= step) {
+                    let mut fields = line.split(',');
+                    let kind = fields.next();
+                    let row_step = fields.next().and_then(|s| s.parse::<u64>().ok());
+                    // Evaluations at `step` are not in its checkpoint (they run before meta-step
+                    // `step`): the resumed run writes them again.
+                    let kept_up_to = if kind == Some("eval") { step.saturating_sub(1) } else { step };
+                    if row_step.is_some_and(|s| s <= kept_up_to) {
                         kept.push_str(line);
                         kept.push('\n');
                     }

@@ -421,6 +421,25 @@ async fn train_loop(
     let started = Instant::now();
     let mut last_eval = String::new();
     for step in start..steps {
+        // The periodic evaluation after `step` meta-steps runs here, before meta-step `step`, so that a
+        // checkpoint at `step` never includes it: a run stopped or killed during (or just after) it
+        // evaluates again on resume, and an adaptive curriculum sees that evaluation exactly once.
+        if config.eval.every > 0 && step > 0 && step % config.eval.every == 0 {
+            let t = Instant::now();
+            let e = trainer
+                .evaluate(step, sampler::eval_batch(config.seed, config.eval.tasks), &mut stop)
+                .await
+                .map_err(|e| (step, e))?;
+            let competence = Competence::from_fraction(trainer.curriculum.competence(step - 1)).fraction();
+            csv.row("eval", step, &e, t.elapsed().as_secs_f64(), started.elapsed().as_secs_f64(), competence)
+                .map_err(|e| (step, RunError::Io(e.to_string())))?;
+            last_eval = describe_eval(&e);
+            progress.println(&format!("step {step}: eval {last_eval}"));
+            if trainer.curriculum.observe_eval(e.post_loss.mean) {
+                let next = Competence::from_fraction(trainer.curriculum.competence(step)).fraction();
+                progress.println(&format!("step {step}: held-out loss stopped improving; competence → {next:.2}"));
+            }
+        }
         let t = Instant::now();
         let competence = Competence::from_fraction(trainer.curriculum.competence(step));
         metrics::gauge!("metatrain_curriculum_competence").set(competence.fraction());
@@ -430,29 +449,6 @@ async fn train_loop(
         metrics::histogram!("metatrain_step_duration_seconds").record(secs);
         csv.row("train", step + 1, &s, secs, started.elapsed().as_secs_f64(), competence.fraction())
             .map_err(|e| (step + 1, RunError::Io(e.to_string())))?;
-        if config.eval.every > 0 && (step + 1) % config.eval.every == 0 && step + 1 < steps {
-            let t = Instant::now();
-            let e = trainer
-                .evaluate(step + 1, sampler::eval_batch(config.seed, config.eval.tasks), &mut stop)
-                .await
-                .map_err(|e| (step + 1, e))?;
-            csv.row(
-                "eval",
-                step + 1,
-                &e,
-                t.elapsed().as_secs_f64(),
-                started.elapsed().as_secs_f64(),
-                competence.fraction(),
-            )
-            .map_err(|e| (step + 1, RunError::Io(e.to_string())))?;
-            last_eval = describe_eval(&e);
-            progress.println(&format!("step {}: eval {last_eval}", step + 1));
-            if trainer.curriculum.observe_eval(e.post_loss.mean) {
-                let next = Competence::from_fraction(trainer.curriculum.competence(step + 1)).fraction();
-                progress
-                    .println(&format!("step {}: held-out loss stopped improving; competence → {next:.2}", step + 1));
-            }
-        }
         progress.update(
             step + 1,
             &format!(

@@ -164,3 +164,49 @@ fn a_run_stopped_during_its_final_evaluation_resumes_into_it() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already has 10 of 10"));
 }
+
+#[test]
+fn a_run_stopped_during_a_periodic_evaluation_resumes_exactly() {
+    // An adaptive curriculum advances on the periodic evaluations (here at every one after the first),
+    // so a resumed run that skipped the interrupted evaluation would draw other tasks from then on.
+    let dir = scratch("periodic-eval-resume");
+    let run = |out: &Path| {
+        let mut cmd = noisy_linear_run(out, 30, 8, 2);
+        for set in [
+            "eval.every=10",
+            "eval.tasks=4000",
+            "checkpoint.every=10",
+            "curriculum.schedule=\"adaptive\"",
+            "curriculum.patience=1",
+            "curriculum.min_improvement=0.99",
+        ] {
+            cmd.args(["--set", set]);
+        }
+        cmd
+    };
+    finish_ok(run(&dir.join("whole")));
+    let whole = read_report(&dir.join("whole"));
+
+    let out = dir.join("stopped");
+    let mut p = Proc::spawn(&mut run(&out), "coordinator");
+    let m = p.wait_for(Duration::from_secs(30), metrics_address);
+    // At 20 meta-steps the coordinator is in the evaluation of 4000 held-out tasks (seconds long); meta-step
+    // 21 cannot start before it ends.
+    wait_for_steps(&m, 20.0, Duration::from_secs(120));
+    assert_eq!(metric(&scrape(&m), "metatrain_meta_steps_total"), 20.0, "stopped inside the evaluation");
+    p.signal("TERM");
+    let (status, _) = p.finish(Duration::from_secs(60));
+    assert!(status.success());
+    assert_eq!(read_report(&out)["final_step"], 20);
+    finish_ok({
+        let mut c = train(&["--resume"]);
+        c.arg(&out);
+        c
+    });
+    let resumed = read_report(&out);
+    assert_eq!(resumed["params_sha256"], whole["params_sha256"], "the interrupted evaluation ran again");
+    assert_eq!(resumed["curriculum"], whole["curriculum"]);
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).expect("csv");
+    let evals: Vec<&str> = csv.lines().filter(|l| l.starts_with("eval,")).filter_map(|l| l.split(',').nth(1)).collect();
+    assert_eq!(evals, ["10", "20"], "each periodic evaluation once (this run has no final one)");
+}
