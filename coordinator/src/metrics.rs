@@ -73,7 +73,7 @@ pub fn describe() {
     );
     describe_counter!(
         "metatrain_tasks_quarantined_total",
-        "Training tasks left out or down-weighted as outliers, by reason (loss, grad_norm) and whether they were corrupted on purpose."
+        "Training tasks left out or down-weighted as outliers, by reason (pre_loss, loss, grad_norm) and whether they were corrupted on purpose."
     );
     describe_counter!(
         "metatrain_meta_steps_skipped_total",
@@ -105,6 +105,7 @@ pub const REJECTION_REASONS: &[&str] = &[
     "bad_difficulty",
     "missing_gradient",
     "unexpected_gradient",
+    "malformed_frame",
     "duplicate",
     "stale_version",
 ];

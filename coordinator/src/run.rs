@@ -389,6 +389,14 @@ impl Trainer {
                 metrics::gauge!("metatrain_workers_connected").set(self.workers.len() as f64);
                 Ok(self.scheduler.worker_left(worker, now))
             }
+            Event::Malformed { worker, reason } => {
+                // The connection is already closed; the strike is what stops a worker from repeating it
+                // on every reconnect.
+                self.reject("malformed_frame");
+                self.last_rejection = Some(format!("a malformed result frame: {reason}"));
+                self.strike(worker, &format!("a malformed result frame: {reason}"));
+                Ok(Vec::new())
+            }
             Event::TaskFailed { worker, id, version: v, reason } => {
                 metrics::counter!("metatrain_tasks_failed_total").increment(1);
                 if !self.scheduler.holds(worker, id) {

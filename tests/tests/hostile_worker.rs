@@ -249,3 +249,54 @@ fn strikes_follow_the_worker_name_across_reconnects() {
     let third = rt.block_on(one_bad_result(addr, &fp, &identity));
     assert!(third.as_deref().is_some_and(|r| r.contains("quarantined")), "the third strike quarantines: {third:?}");
 }
+
+/// Joins and answers the first task with a result frame whose payload is one value longer than the
+/// parameter layout allows (refused from the frame's prefix, before any allocation). Returns how the
+/// connection ended: `refused: …` when the coordinator refused the Hello, else its close reason.
+async fn one_malformed_frame(addr: SocketAddr, fingerprint: &str, identity: &Identity) -> String {
+    let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.into()), Some(identity)).expect("endpoint");
+    let conn = endpoint.connect(addr, server_name()).expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
+    let hello =
+        Hello { protocol_version: PROTOCOL_VERSION, worker_name: "garbler".into(), capacity: 1, device: "cpu".into() };
+    write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+    let mut numel = 0;
+    while let Ok(Some(frame)) = read_frame(&mut recv, &Limits::with_payload(1 << 24)).await {
+        match frame.message {
+            Message::Refused { reason } => return format!("refused: {reason}"),
+            Message::Params { len, .. } => numel = len as usize,
+            Message::Assign { tasks } => {
+                let grad = vec![0.01f32; numel + 1];
+                let mut s = conn.open_uni().await.expect("uni");
+                write_frame(&mut s, &Message::Result(result_for(&tasks[0], numel + 1)), &encode_f32(&grad)).await.ok();
+                let _ = s.finish();
+                break;
+            }
+            _ => {}
+        }
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+    endpoint.wait_idle().await;
+    closed.map(|e| e.to_string()).unwrap_or_else(|_| "not closed".into())
+}
+
+#[test]
+fn malformed_frames_are_counted_and_strike_the_worker_name() {
+    install_crypto_provider();
+    let dir = scratch("hostile-malformed");
+    let mut coord = Proc::spawn(&mut coordinator(&dir.join("run"), 0), "coordinator");
+    let metrics = coord.wait_for(Duration::from_secs(30), metrics_address);
+    let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
+    let identity = issued_identity(&dir.join("run/tls"), "garbler");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let addr: SocketAddr = addr.parse().expect("addr");
+    for attempt in 1..=3 {
+        let how = rt.block_on(one_malformed_frame(addr, &fp, &identity));
+        assert!(how.contains("payload"), "attempt {attempt}: closed for the oversized payload: {how}");
+    }
+    let fourth = rt.block_on(one_malformed_frame(addr, &fp, &identity));
+    assert!(fourth.starts_with("refused") && fourth.contains("quarantined"), "three strikes quarantine: {fourth}");
+    let text = scrape(&metrics);
+    assert_eq!(counter(&text, "metatrain_results_rejected_total{reason=\"malformed_frame\"}"), 3.0, "{text}");
+    assert_eq!(counter(&text, "metatrain_workers_quarantined_total"), 1.0);
+}

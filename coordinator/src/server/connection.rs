@@ -162,7 +162,10 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
     }
     let reason = match reason {
         Ok(r) => r,
-        Err(e) => e.to_string(),
+        Err(e) => {
+            let _ = ctx.events.send(Event::Malformed { worker, reason: e.to_string() }).await;
+            e.to_string()
+        }
     };
     let _ = ctx.events.send(Event::Left { worker, reason }).await;
 }

@@ -32,6 +32,13 @@ pub enum Event {
         worker: WorkerId,
         reason: String,
     },
+    /// A result stream that did not hold one valid result frame (bad prefix, oversized or mismatched
+    /// payload, undecodable header, another message kind). The connection is closed; this comes first
+    /// so that the worker's name is struck before it leaves.
+    Malformed {
+        worker: WorkerId,
+        reason: String,
+    },
     /// A result that passed (or failed) validation.
     Result {
         worker: WorkerId,
