@@ -59,6 +59,45 @@ set = {{ "model.name" = "mlp" }}
     let (status, lines) = Proc::spawn(&mut sweep_cmd(), "sweep again").finish(Duration::from_secs(120));
     assert!(status.success());
     assert_eq!(lines.iter().filter(|l| l.contains("finished earlier, skipped")).count(), 3, "{lines:?}");
+
+    // An edited sweep file does not pass off the old results as the new runs'.
+    let text = std::fs::read_to_string(&sweep).expect("read sweep");
+    std::fs::write(&sweep, text.replace("\"eval.final_tasks\" = 40", "\"eval.final_tasks\" = 41")).expect("edit");
+    let o = sweep_cmd().output().expect("sweep edited");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("another config") && err.contains("eval.final_tasks"), "{err}");
+}
+
+#[test]
+fn a_sweep_with_seeds_compares_groups_over_seeds() {
+    let dir = scratch("sweep-seeds");
+    let sweep = dir.join("sweep.toml");
+    let base = root().join("configs/noisy-linear.toml");
+    let text = format!(
+        "base = \"{}\"\nseeds = [1, 2]\n[set]\n\"train.steps\" = 4\n\"eval.every\" = 0\n\"eval.final_tasks\" = 30\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"b\"\nset = {{ \"algo.name\" = \"fomaml\" }}\n",
+        base.display()
+    );
+    std::fs::write(&sweep, text).expect("write sweep");
+    let out = dir.join("out");
+    let mut cmd = Command::new(binary("metatrain"));
+    cmd.arg("sweep").arg("--config").arg(&sweep).arg("--out").arg(&out).args(["--local-workers", "1"]);
+    let (status, _) = Proc::spawn(&mut cmd, "sweep").finish(Duration::from_secs(300));
+    assert!(status.success(), "{status}");
+    // Each replicate ran with its own seed.
+    assert_eq!(read_report(&out.join("a-seed=2"))["config"]["seed"], 2);
+    assert_ne!(
+        read_report(&out.join("a-seed=1"))["params_sha256"],
+        read_report(&out.join("a-seed=2"))["params_sha256"]
+    );
+    let groups = std::fs::read_to_string(out.join("summary-groups.csv")).expect("summary-groups.csv");
+    let rows: Vec<Vec<&str>> = groups.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.iter().map(|r| (r[0], r[1], r[2])).collect::<Vec<_>>(), [("a", "2", "2"), ("b", "2", "2")]);
+    // The group's mean is the mean of its replicates' reports.
+    let post = |n: &str| read_report(&out.join(n))["eval"]["post_adapt_loss"].as_f64().expect("post");
+    let mean: f64 = rows[0][5].parse().expect("mean");
+    assert!((mean - (post("a-seed=1") + post("a-seed=2")) / 2.0).abs() < 1e-5, "{groups}");
+    let md = std::fs::read_to_string(out.join("summary.md")).expect("summary.md");
+    assert!(md.contains("## Over seeds") && md.contains("| b | 2/2 |"), "{md}");
 }
 
 #[test]

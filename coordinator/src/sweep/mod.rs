@@ -24,6 +24,7 @@ use metatrain_common::config::Config;
 use metatrain_common::net::load_or_init_coordinator;
 
 use crate::local::{dial_address, find_worker_binary, shared_capacity, LocalSpec, LocalWorkers};
+use crate::report::config_json;
 use plan::SweepFile;
 use summary::{Outcome, Row};
 
@@ -71,10 +72,12 @@ pub async fn run(args: SweepArgs) -> Result<()> {
         std::fs::read_to_string(&base).with_context(|| format!("cannot read the base config {}", base.display()))?;
     // Every run's config is checked before anything starts.
     let mut names = Vec::new();
+    let mut configs = Vec::new();
     for r in &runs {
         let c = Config::from_toml_with_overrides(&base_text, &r.overrides)
             .with_context(|| format!("run {} ({}) has an invalid config", r.name, r.overrides.join(" ")))?;
         names.push(format!("{} ({})", c.task.describe(), c.algo.name.name()));
+        configs.push(c);
     }
     let stem = args.config.file_stem().and_then(|s| s.to_str()).unwrap_or("sweep").to_string();
     let dir_name = if stem.starts_with("sweep") { stem.clone() } else { format!("sweep-{stem}") };
@@ -91,6 +94,21 @@ pub async fn run(args: SweepArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let _lock = crate::train::lock_run_dir(&out)?;
+    // A finished run is skipped only if it is the run the sweep file asks for now: one made from an
+    // edited sweep or base file would otherwise be reported as if it were the new one.
+    for (r, c) in runs.iter().zip(&configs) {
+        let dir = out.join(&r.name);
+        if let Some(done) = report(&dir).filter(|_| finished(&dir)) {
+            let differs = changed_keys(&done["config"], &config_json(c));
+            if !differs.is_empty() {
+                bail!(
+                    "{} holds a finished run made with another config ({}); move it away or use another --out",
+                    dir.display(),
+                    differs.join(", ")
+                );
+            }
+        }
+    }
 
     let tls_dir = out.join("tls");
     let tls = load_or_init_coordinator(&tls_dir).map_err(anyhow::Error::msg)?;
@@ -146,13 +164,15 @@ pub async fn run(args: SweepArgs) -> Result<()> {
         eprintln!("[{}/{}] {}: {}", i + 1, runs.len(), r.name, r.overrides.join(" "));
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("train");
+        // Resuming with the planned config too: `train` refuses it if it would change the run.
         if crate::checkpoint::dir_of(&dir).is_dir() {
             cmd.arg("--resume").arg(&dir);
         } else {
-            cmd.arg("--config").arg(&base).arg("--out").arg(&dir);
-            for o in &r.overrides {
-                cmd.arg("--set").arg(o);
-            }
+            cmd.arg("--out").arg(&dir);
+        }
+        cmd.arg("--config").arg(&base);
+        for o in &r.overrides {
+            cmd.arg("--set").arg(o);
         }
         cmd.arg("--listen")
             .arg(listen.to_string())
@@ -210,6 +230,27 @@ fn free_loopback_port() -> Result<SocketAddr> {
 
 fn report(dir: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).ok()?).ok()
+}
+
+/// Dotted keys whose values differ between two configs' JSON forms (as in report.json).
+fn changed_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let null = serde_json::Value::Null;
+                    walk(&key, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                }
+            }
+            _ if a != b => out.push(prefix.to_string()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", a, b, &mut out);
+    out
 }
 
 fn finished(dir: &Path) -> bool {
