@@ -2,6 +2,12 @@
 //! local workers, once with external workers of which a random one is killed (SIGKILL) about every
 //! `--kill-every` seconds and restarted — then prints the tasks lost (must be 0) and whether the final
 //! parameters are bitwise equal. Exit status 0 only if both hold.
+//!
+//! A task is lost when the run needed it (its count follows from the config: meta-steps × meta-batch
+//! plus every evaluation's tasks) and no accepted result covers it. A coordinator waits for every task
+//! of a step, so a lost task shows as a run that stalls: the chaos run gets [`STALL_FACTOR`] times the
+//! reference run's wall time (at least [`MIN_DEADLINE`]); past that it is stopped and its missing tasks
+//! are counted as lost.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,6 +21,26 @@ use metatrain_common::rng::keyed_rng;
 use rand::Rng;
 
 use crate::local::find_worker_binary;
+
+/// The chaos run may take this many times the reference run's wall time (restarts cost a libtorch
+/// start-up each, and a killed worker's tasks wait for their reassignment) before it counts as stalled.
+const STALL_FACTOR: f64 = 5.0;
+/// ... but never less than this, so that short runs are not judged on start-up noise.
+const MIN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Tasks a finished run must have completed, from its report's config: every meta-step's meta-batch,
+/// the periodic evaluations (after each `eval.every` steps, before the last) and the final evaluation.
+pub fn tasks_needed(report: &serde_json::Value) -> Option<u64> {
+    let c = &report["config"];
+    let steps = c["train"]["steps"].as_u64()?;
+    let every = c["eval"]["every"].as_u64()?;
+    let periodic = if every > 0 { steps.saturating_sub(1) / every } else { 0 };
+    Some(
+        steps * c["train"]["meta_batch"].as_u64()?
+            + periodic * c["eval"]["tasks"].as_u64()?
+            + c["eval"]["final_tasks"].as_u64()?,
+    )
+}
 
 #[derive(Args, Debug)]
 pub struct ChaosArgs {
@@ -90,10 +116,12 @@ pub fn run(args: ChaosArgs) -> Result<()> {
     let worker_bin = find_worker_binary(None)?;
 
     eprintln!("chaos: reference run (no failures) in {}", out.join("reference").display());
+    let t = Instant::now();
     let status = train_command(&args, &out.join("reference"), args.workers)?.stderr(Stdio::null()).status()?;
     if !status.success() {
         bail!("the reference run failed ({status}); run it with `metatrain train` to see why");
     }
+    let allowed = MIN_DEADLINE.max(t.elapsed().mul_f64(STALL_FACTOR));
 
     let chaos_out = out.join("chaos");
     eprintln!(
@@ -135,7 +163,13 @@ pub fn run(args: ChaosArgs) -> Result<()> {
     let status = loop {
         while rx.try_recv().is_ok() {}
         if let Some(s) = coord.try_wait()? {
-            break s;
+            break Some(s);
+        }
+        if started.elapsed() > allowed {
+            eprintln!("chaos: the run made no progress within {allowed:?}; stopping it");
+            let _ = coord.kill();
+            let _ = coord.wait();
+            break None;
         }
         if Instant::now() >= next_kill {
             let i = rng.gen_range(0..workers.len());
@@ -152,17 +186,22 @@ pub fn run(args: ChaosArgs) -> Result<()> {
         let _ = w.kill();
         let _ = w.wait();
     }
+    let reference = report(&out.join("reference"))?;
+    let expected = tasks_needed(&reference).context("the reference report has no config")?;
+    let Some(status) = status else {
+        println!("chaos run: {kills} workers killed; it stalled: tasks were lost (the run could not finish)");
+        bail!("chaos check failed");
+    };
     if !status.success() {
         bail!("the chaos run failed ({status})");
     }
-    let (reference, chaos) = (report(&out.join("reference"))?, report(&chaos_out)?);
-    let expected = reference["tasks_completed"].as_u64().unwrap_or(0);
+    let chaos = report(&chaos_out)?;
     let completed = chaos["tasks_completed"].as_u64().unwrap_or(0);
     let lost = expected.saturating_sub(completed);
     let equal = reference["params_sha256"] == chaos["params_sha256"] && chaos["params_sha256"].is_string();
     println!("chaos run: {kills} workers killed in {:.0}s", started.elapsed().as_secs_f64());
     println!(
-        "tasks: {completed} completed of {expected} ({lost} lost); {} reassigned, {} duplicated, {} results refused",
+        "tasks: {completed} completed of the {expected} the run needs ({lost} lost); {} reassigned, {} duplicated, {} results refused",
         chaos["tasks_reassigned"], chaos["tasks_duplicated"], chaos["results_rejected"]
     );
     println!(
@@ -174,4 +213,19 @@ pub fn run(args: ChaosArgs) -> Result<()> {
         bail!("chaos check failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tasks_needed_counts_steps_and_evaluations() {
+        let r = serde_json::json!({"config": {"train": {"steps": 30, "meta_batch": 4},
+            "eval": {"every": 10, "tasks": 7, "final_tasks": 100}}});
+        // 30 × 4 training tasks, evaluations after steps 10 and 20 (30 is the final one's).
+        assert_eq!(super::tasks_needed(&r), Some(120 + 2 * 7 + 100));
+        let r = serde_json::json!({"config": {"train": {"steps": 5, "meta_batch": 2},
+            "eval": {"every": 0, "tasks": 7, "final_tasks": 0}}});
+        assert_eq!(super::tasks_needed(&r), Some(10));
+        assert_eq!(super::tasks_needed(&serde_json::json!({})), None);
+    }
 }

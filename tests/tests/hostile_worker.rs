@@ -300,3 +300,45 @@ fn malformed_frames_are_counted_and_strike_the_worker_name() {
     assert_eq!(counter(&text, "metatrain_results_rejected_total{reason=\"malformed_frame\"}"), 3.0, "{text}");
     assert_eq!(counter(&text, "metatrain_workers_quarantined_total"), 1.0);
 }
+
+/// Connects and says Hello as `identity`; returns the connection once welcomed.
+async fn joined(endpoint: &quinn::Endpoint, addr: SocketAddr) -> quinn::Connection {
+    let conn = endpoint.connect(addr, server_name()).expect("connect").await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
+    let hello =
+        Hello { protocol_version: PROTOCOL_VERSION, worker_name: "w".into(), capacity: 1, device: "cpu".into() };
+    write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+    match read_frame(&mut recv, &Limits::with_payload(1 << 24)).await.expect("reply").map(|f| f.message) {
+        Some(Message::Welcome(_)) => {}
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    // Keep the control stream's halves alive with the connection.
+    std::mem::forget((send, recv));
+    conn
+}
+
+#[test]
+fn a_fifth_connection_under_one_name_supersedes_the_oldest() {
+    install_crypto_provider();
+    let dir = scratch("hostile-per-name");
+    let mut coord = Proc::spawn(&mut coordinator(&dir.join("run"), 0), "coordinator");
+    let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
+    let identity = issued_identity(&dir.join("run/tls"), "restarter");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let addr: SocketAddr = addr.parse().expect("addr");
+    rt.block_on(async {
+        let endpoint = client_endpoint(&ServerTrust::Fingerprint(fp.clone()), Some(&identity)).expect("endpoint");
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            conns.push(joined(&endpoint, addr).await);
+        }
+        // Like a process restarted after SIGKILL whose old connections have not timed out yet.
+        let fifth = joined(&endpoint, addr).await;
+        let closed = tokio::time::timeout(Duration::from_secs(10), conns[0].closed()).await.expect("oldest closed");
+        assert!(closed.to_string().contains("superseded"), "{closed}");
+        for c in &conns[1..] {
+            assert!(c.close_reason().is_none(), "only the oldest is closed");
+        }
+        assert!(fifth.close_reason().is_none());
+    });
+}

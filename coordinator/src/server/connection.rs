@@ -22,8 +22,8 @@ const RESULT_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
 /// while leaving room for far more workers than a run uses.
 const MAX_CONNECTIONS: usize = 1024;
 
-/// Connections one worker name may hold at once: its own, plus room for a reconnect that overlaps the
-/// old connection's timeout.
+/// Connections one worker name may hold at once: its own, plus room for reconnects that overlap old
+/// connections' timeouts; beyond it the name's oldest connection is closed (see `NameSlots`).
 const MAX_CONNECTIONS_PER_NAME: usize = 4;
 
 /// How often each connection's QUIC round-trip time (kept fresh by keep-alives) is recorded.
@@ -79,9 +79,10 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
     // The authenticated name (certificate common name) wins over the name the worker claims.
     let name = metatrain_common::net::peer_name(&conn).unwrap_or_else(|| hello.worker_name.clone());
     let admitted = handlers::hello::handle(&ctx, &hello, &name).and_then(|w| {
-        let slot = ctx.names.take(&name, MAX_CONNECTIONS_PER_NAME).ok_or_else(|| {
-            format!("worker {name:?} already has {MAX_CONNECTIONS_PER_NAME} connections open; one per worker process")
-        })?;
+        let slot = ctx
+            .names
+            .take(&name, MAX_CONNECTIONS_PER_NAME, &conn)
+            .ok_or_else(|| "the coordinator's connection table is unavailable".to_string())?;
         Ok((w, slot))
     });
     let (welcome, _name_slot) = match admitted {

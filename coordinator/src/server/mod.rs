@@ -92,37 +92,51 @@ impl Quarantine {
 }
 
 /// Live connections per worker name, so that one certificate cannot hold many connections' worth of
-/// buffers (a worker has one; a reconnect briefly overlaps its old one).
+/// buffers (a worker has one; a reconnect briefly overlaps its old one). A worker killed with SIGKILL
+/// leaves its connection open until QUIC's idle timeout; a process restarted under the same name
+/// faster than that would pile them up, so a new connection over the limit closes the name's *oldest*
+/// one instead of being refused (its tasks are reassigned as for any lost worker). The limit still
+/// bounds what one name can hold.
 #[derive(Default)]
 pub struct NameSlots {
-    live: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    live: std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<(u64, quinn::Connection)>>>,
+    next: std::sync::atomic::AtomicU64,
 }
 
 /// One connection's hold on its name; released on drop.
 pub struct NameSlot {
     slots: Arc<NameSlots>,
     name: String,
+    token: u64,
 }
 
 impl NameSlots {
-    /// Takes a slot for `name` unless `max` connections already hold one.
-    pub fn take(self: &Arc<Self>, name: &str, max: usize) -> Option<NameSlot> {
+    /// Takes a slot for `name` for `conn`; when `max` connections already hold one, the oldest is
+    /// closed (with a reason naming this) and gives up its slot. `None` only if the table is poisoned.
+    pub fn take(self: &Arc<Self>, name: &str, max: usize, conn: &quinn::Connection) -> Option<NameSlot> {
         let mut live = self.live.lock().ok()?;
-        let n = live.entry(name.to_string()).or_insert(0);
-        if *n >= max {
-            return None;
+        let held = live.entry(name.to_string()).or_default();
+        while held.len() >= max.max(1) {
+            if let Some((_, oldest)) = held.pop_front() {
+                tracing::info!("worker {name:?}: a new connection supersedes its oldest of {max}");
+                oldest.close(
+                    2u32.into(),
+                    b"superseded by a newer connection under this worker name (a restarted process?)",
+                );
+            }
         }
-        *n += 1;
-        Some(NameSlot { slots: self.clone(), name: name.to_string() })
+        let token = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        held.push_back((token, conn.clone()));
+        Some(NameSlot { slots: self.clone(), name: name.to_string(), token })
     }
 }
 
 impl Drop for NameSlot {
     fn drop(&mut self) {
         if let Ok(mut live) = self.slots.live.lock() {
-            if let Some(n) = live.get_mut(&self.name) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(held) = live.get_mut(&self.name) {
+                held.retain(|(t, _)| *t != self.token);
+                if held.is_empty() {
                     live.remove(&self.name);
                 }
             }
