@@ -81,7 +81,15 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
     let admitted = handlers::hello::handle(&ctx, &hello, &name).and_then(|w| {
         let slot = ctx
             .names
-            .take(&name, MAX_CONNECTIONS_PER_NAME, &conn)
+            .take(&name, MAX_CONNECTIONS_PER_NAME, {
+                let conn = conn.clone();
+                Box::new(move || {
+                    conn.close(
+                        CLOSE_REFUSED.into(),
+                        b"superseded by a newer connection under this worker name (a restarted process?)",
+                    )
+                })
+            })
             .ok_or_else(|| "the coordinator's connection table is unavailable".to_string())?;
         Ok((w, slot))
     });

@@ -99,9 +99,12 @@ impl Quarantine {
 /// bounds what one name can hold.
 #[derive(Default)]
 pub struct NameSlots {
-    live: std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<(u64, quinn::Connection)>>>,
+    live: std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<(u64, Closer)>>>,
     next: std::sync::atomic::AtomicU64,
 }
+
+/// Closes one connection (with a reason naming why); a closure so that the table needs no sockets.
+pub type Closer = Box<dyn FnOnce() + Send>;
 
 /// One connection's hold on its name; released on drop.
 pub struct NameSlot {
@@ -111,22 +114,19 @@ pub struct NameSlot {
 }
 
 impl NameSlots {
-    /// Takes a slot for `name` for `conn`; when `max` connections already hold one, the oldest is
-    /// closed (with a reason naming this) and gives up its slot. `None` only if the table is poisoned.
-    pub fn take(self: &Arc<Self>, name: &str, max: usize, conn: &quinn::Connection) -> Option<NameSlot> {
+    /// Takes a slot for `name` for a connection that `close` closes; when `max` connections already
+    /// hold one, the oldest is closed and gives up its slot. `None` only if the table is poisoned.
+    pub fn take(self: &Arc<Self>, name: &str, max: usize, close: Closer) -> Option<NameSlot> {
         let mut live = self.live.lock().ok()?;
         let held = live.entry(name.to_string()).or_default();
         while held.len() >= max.max(1) {
-            if let Some((_, oldest)) = held.pop_front() {
+            if let Some((_, close_oldest)) = held.pop_front() {
                 tracing::info!("worker {name:?}: a new connection supersedes its oldest of {max}");
-                oldest.close(
-                    2u32.into(),
-                    b"superseded by a newer connection under this worker name (a restarted process?)",
-                );
+                close_oldest();
             }
         }
         let token = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        held.push_back((token, conn.clone()));
+        held.push_back((token, close));
         Some(NameSlot { slots: self.clone(), name: name.to_string(), token })
     }
 }
@@ -162,12 +162,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_name_holds_at_most_max_connections_and_dropping_one_frees_it() {
+    fn a_name_over_its_limit_closes_its_oldest_connection() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let slots = Arc::new(NameSlots::default());
-        let held: Vec<NameSlot> = (0..4).map(|_| slots.take("w", 4).expect("slot")).collect();
-        assert!(slots.take("w", 4).is_none());
-        assert!(slots.take("other", 4).is_some(), "per name");
-        drop(held.into_iter().next());
-        assert!(slots.take("w", 4).is_some());
+        let closed: Arc<Vec<AtomicUsize>> = Arc::new((0..6).map(|_| AtomicUsize::new(0)).collect());
+        let closer = |i: usize| -> Closer {
+            let closed = closed.clone();
+            Box::new(move || {
+                closed[i].fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let mut held: Vec<NameSlot> = (0..4).map(|i| slots.take("w", 4, closer(i)).expect("slot")).collect();
+        assert!(closed.iter().all(|c| c.load(Ordering::SeqCst) == 0));
+        // A fifth closes the first (only), and is admitted.
+        held.push(slots.take("w", 4, closer(4)).expect("slot"));
+        let count = |i: usize| closed[i].load(Ordering::SeqCst);
+        assert_eq!((0..5).map(count).collect::<Vec<_>>(), [1, 0, 0, 0, 0]);
+        // Other names are counted apart.
+        let _other = slots.take("other", 4, closer(5)).expect("slot");
+        assert_eq!(count(1), 0);
+        // A dropped slot frees its place: the next connection closes nobody.
+        drop(held.remove(3));
+        held.push(slots.take("w", 4, Box::new(|| {})).expect("slot"));
+        assert_eq!((0..5).map(count).collect::<Vec<_>>(), [1, 0, 0, 0, 0]);
+        // The first slot, whose connection was closed, leaves the table without disturbing others.
+        drop(held.remove(0));
+        held.push(slots.take("w", 4, Box::new(|| {})).expect("slot"));
+        assert_eq!(count(1), 1, "now at the limit again: the oldest live one goes");
     }
 }
