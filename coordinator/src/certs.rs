@@ -29,6 +29,8 @@ pub struct IssueArgs {
     /// The worker's name (1-64 of letters, digits, '-', '_', '.'): its authenticated identity in logs
     /// and metrics.
     pub name: String,
+    /// The cluster's TLS directory (made by `certs init`, holding ca.crt and ca.key); the certificate
+    /// and key are written to DIR/workers/NAME.crt and NAME.key.
     #[arg(long, default_value = "tls")]
     pub dir: PathBuf,
 }
