@@ -237,6 +237,11 @@ mod tests {
                     tasks_quarantined: 2,
                     quarantined_corrupted: 2,
                     steps_skipped: 0,
+                    by_kind: [
+                        crate::run::KindCounts { corrupted: 3, quarantined: 2 },
+                        Default::default(),
+                        Default::default(),
+                    ],
                 },
             },
             params,

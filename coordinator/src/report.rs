@@ -99,6 +99,17 @@ pub struct DefenceReport {
     /// Share of corrupted tasks that were quarantined (when any was corrupted and quarantine is on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quarantine_recall: Option<f64>,
+    /// Per kind of corruption that occurred: tasks corrupted, quarantined, and the recall.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub by_kind: std::collections::BTreeMap<&'static str, KindReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KindReport {
+    pub corrupted: u64,
+    pub quarantined: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recall: Option<f64>,
 }
 
 impl DefenceReport {
@@ -115,6 +126,15 @@ impl DefenceReport {
             steps_skipped: c.steps_skipped,
             quarantine_precision: ratio(c.quarantined_corrupted, c.tasks_quarantined),
             quarantine_recall: if quarantine { ratio(c.quarantined_corrupted, c.tasks_corrupted) } else { None },
+            by_kind: metatrain_common::config::Corruption::ALL
+                .iter()
+                .zip(c.by_kind)
+                .filter(|(_, k)| k.corrupted > 0)
+                .map(|(kind, k)| {
+                    let recall = if quarantine { ratio(k.quarantined, k.corrupted) } else { None };
+                    (kind.name(), KindReport { corrupted: k.corrupted, quarantined: k.quarantined, recall })
+                })
+                .collect(),
         })
     }
 }

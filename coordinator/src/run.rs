@@ -18,6 +18,7 @@ use metatrain_common::tensor::encode_f32;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
+use metatrain_common::config::Corruption;
 use metatrain_common::layout::params_sha256;
 
 use crate::aggregate::{BatchCollector, BatchSummary, Rejection};
@@ -114,6 +115,16 @@ pub struct DefenceCounts {
     pub quarantined_corrupted: u64,
     /// Meta-steps left without an update because every task was quarantined.
     pub steps_skipped: u64,
+    /// Corrupted and quarantined tasks per kind of corruption (in `Corruption::ALL` order).
+    #[serde(default)]
+    pub by_kind: [KindCounts; 3],
+}
+
+/// One kind of corruption's record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KindCounts {
+    pub corrupted: u64,
+    pub quarantined: u64,
 }
 
 /// Label values of `metatrain_*_loss_by_difficulty{bucket}`: five equal bins of [0, 1].
@@ -243,10 +254,8 @@ impl Trainer {
         specs: Vec<TaskSpec>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<BatchSummary, RunError> {
-        let corrupted: Vec<bool> = specs
-            .iter()
-            .map(|s| metatrain_common::task::corrupt::corruption(&self.config.corrupt, s).is_some())
-            .collect();
+        let corrupted: Vec<Option<Corruption>> =
+            specs.iter().map(|s| metatrain_common::task::corrupt::corruption(&self.config.corrupt, s)).collect();
         let summary = self.run_batch(step, specs, Mode::Train, stop).await?;
         match &summary.mean_grad {
             Some(g) => self.adam.step(&mut self.params, g),
@@ -345,16 +354,22 @@ impl Trainer {
     }
 
     /// Counts corrupted and quarantined tasks of a finished training step.
-    fn count_defence(&mut self, s: &BatchSummary, corrupted: &[bool]) {
+    fn count_defence(&mut self, s: &BatchSummary, corrupted: &[Option<Corruption>]) {
         let c = &mut self.defence_counts;
-        let n_corrupted = corrupted.iter().filter(|&&x| x).count() as u64;
+        let n_corrupted = corrupted.iter().flatten().count() as u64;
         c.tasks_corrupted += n_corrupted;
+        for kind in corrupted.iter().flatten() {
+            c.by_kind[kind.index()].corrupted += 1;
+        }
         metrics::counter!("metatrain_tasks_corrupted_total").increment(n_corrupted);
-        for (score, &dirty) in s.scores.iter().zip(corrupted) {
+        for (score, dirty) in s.scores.iter().zip(corrupted) {
             let Some(reason) = score.quarantined else { continue };
             c.tasks_quarantined += 1;
-            c.quarantined_corrupted += u64::from(dirty);
-            let dirty = if dirty { "true" } else { "false" };
+            if let Some(kind) = dirty {
+                c.quarantined_corrupted += 1;
+                c.by_kind[kind.index()].quarantined += 1;
+            }
+            let dirty = if dirty.is_some() { "true" } else { "false" };
             metrics::counter!("metatrain_tasks_quarantined_total", "reason" => reason.label(), "corrupted" => dirty)
                 .increment(1);
         }

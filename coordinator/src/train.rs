@@ -510,6 +510,14 @@ fn print_summary(r: &Report, out: &Path) {
             (Some(p), Some(rc)) => println!("; precision {:.1}%, recall {:.1}%)", 100.0 * p, 100.0 * rc),
             _ => println!(")"),
         }
+        let kinds: Vec<String> = d
+            .by_kind
+            .iter()
+            .filter_map(|(name, k)| k.recall.map(|r| format!("{name} {:.1}% of {}", 100.0 * r, k.corrupted)))
+            .collect();
+        if !kinds.is_empty() {
+            println!("recall by kind: {}", kinds.join(", "));
+        }
     }
     if r.interrupted {
         println!("(interrupted: no final evaluation)");

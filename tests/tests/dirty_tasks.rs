@@ -82,4 +82,7 @@ fn quarantine_finds_tasks_with_huge_targets() {
     let recall = d["quarantine_recall"].as_f64().expect("recall");
     let precision = d["quarantine_precision"].as_f64().expect("precision");
     assert!(recall > 0.95 && precision > 0.8, "{d}");
+    let kind = &d["by_kind"]["huge-scale"];
+    assert_eq!(kind["corrupted"], d["tasks_corrupted"], "one kind: {d}");
+    assert_eq!(kind["recall"], d["quarantine_recall"]);
 }

@@ -85,6 +85,14 @@ pub enum Corruption {
 }
 
 impl Corruption {
+    /// Every kind, in a fixed order (indices of per-kind counts).
+    pub const ALL: [Corruption; 3] = [Corruption::ShuffledLabels, Corruption::OutlierTargets, Corruption::HugeScale];
+
+    /// This kind's position in [`Corruption::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Corruption::ShuffledLabels => "shuffled-labels",
