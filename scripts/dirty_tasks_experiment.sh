@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The dirty-task experiment of docs/dirty-tasks.md, in one command: 20 % of the training tasks corrupted
 # on purpose, plain MAML against curriculum + quarantine (+ a trimmed mean), three seeds each, on
-# noisy-linear (configs/sweep-dirty-noisy-linear.toml, ~25 min on 2 cores) and Omniglot 5-way 1-shot
-# (configs/sweep-dirty-omniglot.toml, ~1 h). Writes OUT/noisy-linear/ and OUT/omniglot/ (one sweep
+# noisy-linear (configs/sweep-dirty-noisy-linear.toml, ~10 min on 2 cores) and Omniglot 5-way 1-shot
+# (configs/sweep-dirty-omniglot.toml, ~40 min). Writes OUT/noisy-linear/ and OUT/omniglot/ (one sweep
 # each: summary.md, summary-groups.csv, comparison.png) and OUT/results.md with both tables.
 #   scripts/dirty_tasks_experiment.sh [OUT] [extra `metatrain sweep` options, e.g. --local-workers 4]
 # OUT defaults to runs/dirty-tasks. Re-running skips finished runs and resumes interrupted ones.
