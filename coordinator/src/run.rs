@@ -59,6 +59,8 @@ pub enum RunError {
     ServerGone,
     #[error("writing run output: {0}")]
     Io(String),
+    #[error("meta-step {step}: {why}")]
+    Diverged { step: u64, why: String },
 }
 
 struct WorkerEntry {
@@ -258,7 +260,9 @@ impl Trainer {
             specs.iter().map(|s| metatrain_common::task::corrupt::corruption(&self.config.corrupt, s)).collect();
         let summary = self.run_batch(step, specs, Mode::Train, stop).await?;
         match &summary.mean_grad {
-            Some(g) => self.adam.step(&mut self.params, g),
+            Some(g) => {
+                self.adam.step(&mut self.params, g).map_err(|e| RunError::Diverged { step, why: e.to_string() })?
+            }
             None => {
                 self.defence_counts.steps_skipped += 1;
                 metrics::counter!("metatrain_meta_steps_skipped_total").increment(1);

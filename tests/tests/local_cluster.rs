@@ -123,3 +123,19 @@ fn omniglot_conv4_runs_on_real_images_and_reports_accuracy() {
     assert_eq!(eval_rows.len(), 2, "one periodic and the final evaluation: {eval_rows:?}");
     assert!(eval_rows.iter().all(|r| r.split(',').nth(5).is_some_and(|a| a.parse::<f64>().is_ok())), "accuracy column");
 }
+
+#[test]
+fn a_diverging_run_stops_with_the_reason_and_leaves_a_loadable_checkpoint() {
+    let dir = scratch("diverged");
+    let out = dir.join("run");
+    let mut cmd = metatrain_tests::noisy_linear_run(&out, 20, 1, 2);
+    cmd.args(["--set", "train.meta_lr=1e39"]);
+    let (status, lines) = Proc::spawn(&mut cmd, "metatrain").finish(Duration::from_secs(120));
+    assert!(!status.success());
+    assert!(lines.iter().any(|l| l.contains("diverged") && l.contains("meta-step 0")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("panicked") || l.contains("workers exited")), "{lines:?}");
+    // The checkpoint holds the last finite state: resuming it reaches the same divergence, not a load error.
+    let o = Command::new(binary("metatrain")).args(["train", "--resume"]).arg(&out).output().expect("resume");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("diverged") && !err.contains("damaged"), "{err}");
+}
