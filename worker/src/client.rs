@@ -59,6 +59,9 @@ enum SessionError {
 const NEXT_RUN_PAUSE: Duration = Duration::from_secs(1);
 /// Pause between connection attempts.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Shortest time one connection attempt is given, even when the deadline is nearer (a QUIC handshake
+/// on loopback takes milliseconds; across a WAN well under a second).
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// QUIC close codes the coordinator uses for a refusal or a protocol error (see its server module).
 const CLOSE_PROTOCOL_ERROR: u32 = 1;
@@ -122,8 +125,23 @@ pub async fn run(opts: ClientOptions) -> Result<SessionEnd> {
 async fn connect(endpoint: &quinn::Endpoint, opts: &ClientOptions, deadline: Instant) -> Result<quinn::Connection> {
     loop {
         let attempt = async { endpoint.connect(opts.coordinator, server_name())?.await.map_err(anyhow::Error::from) };
+        // One attempt may not outlast the deadline by more than a moment (a silent address would
+        // otherwise hold it for QUIC's whole idle timeout).
+        let budget = deadline.saturating_duration_since(Instant::now()).max(MIN_ATTEMPT);
+        let attempt = async {
+            tokio::time::timeout(budget, attempt)
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("no answer within {:.1}s", budget.as_secs_f64())))
+        };
         match attempt.await {
             Ok(c) => return Ok(c),
+            // Our verification of the coordinator's certificate failed: retrying cannot help.
+            Err(e) if e.to_string().contains("invalid peer certificate") => {
+                return Err(e.context(format!(
+                    "the coordinator at {} presented a certificate this worker does not trust (check --ca or --fingerprint)",
+                    opts.coordinator
+                )))
+            }
             Err(e) if Instant::now() < deadline => {
                 tracing::info!("coordinator {} not reachable yet ({e}); retrying", opts.coordinator);
                 tokio::time::sleep(RETRY_PAUSE).await;

@@ -110,6 +110,10 @@ fn parse_device(s: &str) -> Result<Device, String> {
     Err(format!("expected cpu or cuda:N, got {s:?}"))
 }
 
+/// Longest `--connect-timeout` accepted: a week is beyond any restart a worker should wait out, and
+/// deadlines computed from it never overflow a clock.
+const MAX_CONNECT_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
 /// Errors are printed as one line of causes (`error: outer: inner`), never with a backtrace, and exit 1.
 fn main() -> std::process::ExitCode {
     match run_cli() {
@@ -149,6 +153,12 @@ fn run(args: RunArgs) -> Result<()> {
         if n >= have {
             bail!("--device cuda:{n} requested but libtorch sees {have} CUDA device(s) (CPU-only build? see README: METATRAIN_CUDA=1)");
         }
+    }
+    if args.connect_timeout > MAX_CONNECT_TIMEOUT_SECS {
+        bail!(
+            "--connect-timeout must be at most {MAX_CONNECT_TIMEOUT_SECS} seconds (a week), got {}",
+            args.connect_timeout
+        );
     }
     tch::set_num_threads(args.threads as i32);
     let coordinator: SocketAddr = resolve(&args.coordinator)?;
