@@ -165,7 +165,20 @@ impl MetricsCsv {
     pub fn open(path: &Path, step: u64) -> Result<Self> {
         let mut kept = format!("{CSV_HEADER}\n");
         if step > 0 {
-            if let Ok(text) = std::fs::read_to_string(path) {
+            // A missing file starts afresh; one that cannot be read is an error, never silently
+            // replaced (that would lose the run's history).
+            let text = match std::fs::read(path) {
+                Ok(bytes) => Some(String::from_utf8(bytes).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} is not UTF-8 text (byte {}): move it away to resume without it",
+                        path.display(),
+                        e.utf8_error().valid_up_to()
+                    )
+                })?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot read {}", path.display()))),
+            };
+            if let Some(text) = text {
                 for line in text.lines().skip(1) {
                     let mut fields = line.split(',');
                     let kind = fields.next();

@@ -16,7 +16,7 @@ pub mod summary;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -57,9 +57,20 @@ pub struct SweepArgs {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// The running child `metatrain train` (0: none). It runs in a process group of its own, so that a
+/// signal reaches it exactly once: forwarded from here, whether it was sent to the sweep alone (as a
+/// container runtime does to PID 1) or to the terminal's process group (Ctrl-C).
+static CHILD: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_interrupt(_: libc::c_int) {
+extern "C" fn on_interrupt(sig: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
+    let child = CHILD.load(Ordering::SeqCst);
+    if child > 0 {
+        // SAFETY: kill(2) is async-signal-safe; the pid is our own child's.
+        unsafe {
+            libc::kill(child, sig);
+        }
+    }
 }
 
 pub async fn run(args: SweepArgs) -> Result<()> {
@@ -136,8 +147,8 @@ pub async fn run(args: SweepArgs) -> Result<()> {
         None
     };
 
-    // Ctrl-C reaches the running child too (same process group): it checkpoints and exits; the sweep
-    // then stops instead of starting the next run.
+    // SIGINT/SIGTERM are forwarded to the running child (see `CHILD`): it checkpoints and exits; the
+    // sweep then stops instead of starting the next run. A second signal makes the child abort.
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
@@ -184,7 +195,12 @@ pub async fn run(args: SweepArgs) -> Result<()> {
             .arg(&args.metrics_addr)
             .arg("--metrics-label")
             .arg(format!("run={}", r.name));
-        let status = cmd.status().await.with_context(|| format!("starting {}", exe.display()))?;
+        cmd.process_group(0);
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
+        CHILD.store(child.id().map_or(0, |p| p as i32), Ordering::SeqCst);
+        let status = child.wait().await;
+        CHILD.store(0, Ordering::SeqCst);
+        let status = status.with_context(|| format!("waiting for run {}", r.name))?;
         let outcome = match (status.success(), finished(&dir)) {
             (true, true) => Outcome::Done,
             (true, false) => Outcome::Interrupted,

@@ -39,6 +39,10 @@ pub enum PlanError {
     TooMany(usize),
     #[error("run name {0:?}: use 1..={MAX_NAME} characters from A-Z a-z 0-9 . _ - =")]
     BadName(String),
+    #[error("run name {0:?} is taken by the sweep's own files (tls, summary*, comparison*); choose another")]
+    ReservedName(String),
+    #[error("key {0:?}: a config key is dotted words (letters, digits, _), e.g. \"train.meta_lr\"")]
+    BadKey(String),
     #[error("two runs are named {0:?}")]
     DuplicateName(String),
     #[error("value of {0:?} must be a number, string or boolean")]
@@ -95,6 +99,9 @@ impl SweepFile {
         if !self.grid.is_empty() {
             combos.push(Vec::new());
             for (key, values) in &self.grid {
+                if !valid_key(key) {
+                    return Err(PlanError::BadKey(key.clone()));
+                }
                 let values = match values {
                     toml::Value::Array(a) => a.clone(),
                     v => vec![v.clone()],
@@ -148,6 +155,9 @@ impl SweepFile {
             if !ok {
                 return Err(PlanError::BadName(r.name.clone()));
             }
+            if is_reserved(&r.name) {
+                return Err(PlanError::ReservedName(r.name.clone()));
+            }
             out.push(planned(r.name.clone(), &fixed, overrides(&r.set)?));
         }
         if !self.seeds.is_empty() {
@@ -199,9 +209,22 @@ fn overrides(t: &toml::Table) -> Result<Vec<(String, String)>, PlanError> {
     Ok(out)
 }
 
+/// Names the sweep directory already uses for itself.
+fn is_reserved(name: &str) -> bool {
+    name == "tls" || name.starts_with("summary") || name.starts_with("comparison")
+}
+
+/// A config key as `--set` takes it: dotted words of letters, digits and `_` (no `=`, spaces, quotes).
+fn valid_key(key: &str) -> bool {
+    key.split('.').all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+}
+
 fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, String)>) -> Result<(), PlanError> {
     for (k, v) in t {
         let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        if !valid_key(&key) {
+            return Err(PlanError::BadKey(key));
+        }
         match v {
             toml::Value::Table(inner) => flatten(&key, inner, out)?,
             v => out.push((key.clone(), render(&key, v)?)),
@@ -257,6 +280,15 @@ mod tests {
         assert_eq!(bad.runs(), Err(PlanError::BadName("../x".into())));
         let dup = SweepFile::parse("base = \"b\"\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"a\"\n").unwrap();
         assert_eq!(dup.runs(), Err(PlanError::DuplicateName("a".into())));
+        for reserved in ["tls", "summary.csv", "comparison.png"] {
+            let f = SweepFile::parse(&format!("base = \"b\"\n[[runs]]\nname = \"{reserved}\"\n")).unwrap();
+            assert_eq!(f.runs(), Err(PlanError::ReservedName(reserved.into())));
+        }
+        let spliced =
+            SweepFile::parse("base = \"b\"\n[set]\n\"train.meta_lr=0.5 #\" = 1\n[[runs]]\nname = \"a\"\n").unwrap();
+        assert!(matches!(spliced.runs(), Err(PlanError::BadKey(_))));
+        let grid = SweepFile::parse("base = \"b\"\n[grid]\n\"a b\" = [1]\n").unwrap();
+        assert!(matches!(grid.runs(), Err(PlanError::BadKey(_))));
     }
 
     #[test]
