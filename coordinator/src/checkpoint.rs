@@ -181,7 +181,14 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
     Ok(v)
 }
 
-/// The newest valid checkpoint of the run in `out`; damaged newer ones are skipped with a warning.
+/// Whether `out` holds at least one checkpoint file (a run killed while writing its first one holds
+/// only a temporary file, and counts as not started).
+pub fn exists(out: &Path) -> bool {
+    list(&dir_of(out)).is_ok_and(|v| !v.is_empty())
+}
+
+/// The newest valid checkpoint of the run in `out`; damaged or unreadable newer ones are skipped with a
+/// warning.
 pub fn load_latest(out: &Path) -> Result<(Checkpoint, PathBuf), CheckpointError> {
     let dir = dir_of(out);
     if !dir.is_dir() {
@@ -189,8 +196,8 @@ pub fn load_latest(out: &Path) -> Result<(Checkpoint, PathBuf), CheckpointError>
     }
     let mut last_err = None;
     for path in list(&dir)?.into_iter().rev() {
-        let bytes = std::fs::read(&path).map_err(io(&path))?;
-        match decode(&bytes, &path) {
+        let decoded = std::fs::read(&path).map_err(io(&path)).and_then(|bytes| decode(&bytes, &path));
+        match decoded {
             Ok(c) => return Ok((c, path)),
             Err(e) => {
                 tracing::warn!("skipping checkpoint: {e}");

@@ -87,6 +87,11 @@ pub struct TrainArgs {
 
 /// A Prometheus label: a name of letters, digits and `_` (not starting with a digit or `__`) and a
 /// value of at most 128 printable characters.
+/// Label names a global `--metrics-label` may not take: Prometheus's own (`le` of histogram buckets,
+/// `quantile` of summaries, `job`/`instance` set by the scraper) and those metatrain's metrics carry.
+const RESERVED_LABELS: &[&str] =
+    &["le", "quantile", "job", "instance", "mode", "reason", "worker", "bucket", "corrupted"];
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
     let name_ok = !k.is_empty()
@@ -95,6 +100,12 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !name_ok {
         return Err(format!("{k:?} is not a Prometheus label name (letters, digits, _)"));
+    }
+    if RESERVED_LABELS.contains(&k) {
+        return Err(format!(
+            "{k:?} is a label the metrics already use or Prometheus reserves ({}); choose another name",
+            RESERVED_LABELS.join(", ")
+        ));
     }
     if v.len() > 128 || v.chars().any(|c| c.is_control()) {
         return Err("label values must be at most 128 printable characters".into());
@@ -179,7 +190,7 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<C
         let out = args.out_dir();
         std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
         let lock = lock_run_dir(&out)?;
-        if out.join("report.json").exists() || checkpoint::dir_of(&out).is_dir() {
+        if out.join("report.json").exists() || checkpoint::exists(&out) {
             bail!(
                 "{} already holds a run; choose another --out, or continue it with --resume {}",
                 out.display(),
@@ -190,6 +201,13 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<C
     };
     if !checkpoint::dir_of(dir).is_dir() {
         bail!("cannot resume {}: it holds no checkpoints/ (not a metatrain run directory?)", dir.display());
+    }
+    if !checkpoint::exists(dir) && !dir.join("report.json").exists() {
+        bail!(
+            "cannot resume {}: the run stopped before its first checkpoint; start it again with --config … --out {}",
+            dir.display(),
+            dir.display()
+        );
     }
     let lock = lock_run_dir(dir)?;
     let (ckpt, path) = checkpoint::load_latest(dir).with_context(|| format!("cannot resume {}", dir.display()))?;
@@ -524,4 +542,16 @@ fn print_summary(r: &Report, out: &Path) {
     }
     println!("params_sha256 {}", r.params_sha256);
     println!("wrote {}/report.json, metrics.csv, params.safetensors, loss.png, loss.svg", out.display());
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_labels_are_checked() {
+        assert_eq!(super::parse_label("run=a-1"), Ok(("run".to_string(), "a-1".to_string())));
+        for bad in ["le=x", "mode=y", "quantile=1", "__x=1", "1a=b", "a b=c", "novalue"] {
+            assert!(super::parse_label(bad).is_err(), "{bad}");
+        }
+        assert!(super::parse_label(&format!("k={}", "v".repeat(200))).is_err());
+    }
 }

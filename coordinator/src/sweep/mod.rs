@@ -176,7 +176,7 @@ pub async fn run(args: SweepArgs) -> Result<()> {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("train");
         // Resuming with the planned config too: `train` refuses it if it would change the run.
-        if crate::checkpoint::dir_of(&dir).is_dir() {
+        if crate::checkpoint::exists(&dir) {
             cmd.arg("--resume").arg(&dir);
         } else {
             cmd.arg("--out").arg(&dir);
