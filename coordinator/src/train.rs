@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use metatrain_common::config::Config;
 use metatrain_common::layout::params_sha256;
+use metatrain_common::net::files::{read_text, MAX_TEXT_FILE};
 use metatrain_common::net::{install_prometheus_labelled, load_or_init_coordinator, serve_metrics, server_endpoint};
 use metatrain_common::task::Competence;
 use tokio::sync::{mpsc, watch};
@@ -117,7 +118,7 @@ impl TrainArgs {
     /// Loads and validates the config with all overrides applied.
     pub fn config(&self) -> Result<Config> {
         let text = match &self.config {
-            Some(p) => std::fs::read_to_string(p).with_context(|| format!("cannot read config {}", p.display()))?,
+            Some(p) => read_text(p, MAX_TEXT_FILE).map_err(anyhow::Error::msg).context("cannot read the config")?,
             None => String::new(),
         };
         let mut overrides = self.overrides.clone();

@@ -65,7 +65,11 @@ fn parse_algo(s: &str) -> Result<AlgoKind, String> {
     }
 }
 
+/// Largest --params/--data file read (a 1B-parameter model in f64 is 8 GB).
+const MAX_TENSOR_FILE: u64 = 8 << 30;
+
 fn read(path: &PathBuf) -> Result<Vec<(String, Tensor)>> {
+    metatrain_common::net::files::check_regular(path, MAX_TENSOR_FILE).map_err(anyhow::Error::msg)?;
     Tensor::read_safetensors(path).with_context(|| format!("cannot read {} as safetensors", path.display()))
 }
 
@@ -103,6 +107,10 @@ pub fn run(args: GradArgs) -> Result<()> {
     }
     if args.inner_steps > MAX_INNER_STEPS {
         bail!("--inner-steps must be at most {MAX_INNER_STEPS}, got {}", args.inner_steps);
+    }
+    let same = |a: &PathBuf| a == &args.out || std::fs::canonicalize(a).ok() == std::fs::canonicalize(&args.out).ok();
+    if same(&args.data) || same(&args.params) {
+        bail!("--out {} would overwrite an input; write the gradient elsewhere", args.out.display());
     }
     let data = read(&args.data)?;
     let support_x = take(&data, "support_x", &args.data)?;

@@ -1,8 +1,10 @@
 //! The I/O adapters both binaries share (feature `net`): framed messages over quinn streams, the
-//! cluster's certificates and TLS set-up (mutual TLS by default), and the Prometheus `/metrics` endpoint.
+//! cluster's certificates and TLS set-up (mutual TLS by default), the Prometheus `/metrics` endpoint, and
+//! size-limited reads of user-named files.
 //!
 //! They are thin: framing rules live in [`crate::protocol`]; these functions only move bytes.
 
+pub mod files;
 mod framed;
 mod metrics_http;
 pub mod pki;

@@ -34,7 +34,7 @@ fn write(path: &Path, text: &str, private: bool) -> Result<(), String> {
 }
 
 fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+    super::files::read_text(path, super::files::MAX_TEXT_FILE)
 }
 
 fn validity(p: &mut CertificateParams) {

@@ -54,8 +54,9 @@ impl Identity {
     /// Loads PEM files.
     pub fn load(cert: &Path, key: &Path) -> Result<Identity, String> {
         Ok(Identity {
-            cert: CertificateDer::from_pem_file(cert).map_err(|e| format!("{}: {e}", cert.display()))?,
-            key: PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?,
+            cert: pem_cert(cert)?,
+            key: PrivateKeyDer::from_pem_slice(pem_text(key)?.as_bytes())
+                .map_err(|e| format!("{}: {e}", key.display()))?,
         })
     }
 }
@@ -77,12 +78,34 @@ pub fn load_or_init_coordinator(dir: &Path) -> Result<CoordinatorTls, String> {
     if !dir.join("ca.crt").exists() {
         pki::init(dir, &[])?;
     }
-    let ca = dir.join("ca.crt");
-    Ok(CoordinatorTls {
+    let tls = CoordinatorTls {
         identity: Identity::load(&dir.join("coordinator.crt"), &dir.join("coordinator.key"))?,
-        ca: CertificateDer::from_pem_file(&ca).map_err(|e| format!("{}: {e}", ca.display()))?,
+        ca: pem_cert(&dir.join("ca.crt"))?,
         dir: dir.to_path_buf(),
-    })
+    };
+    // Workers that verify by the CA (--ca) would refuse a coordinator certificate another CA signed, and
+    // keep retrying: catch a mixed-up TLS directory here, where it can be named.
+    let mut roots = RootCertStore::empty();
+    roots.add(tls.ca.clone()).map_err(|e| format!("{}: {e}", dir.join("ca.crt").display()))?;
+    let verifier = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots)).build().map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(COORDINATOR_NAME).map_err(|e| e.to_string())?;
+    verifier.verify_server_cert(&tls.identity.cert, &[], &name, &[], UnixTime::now()).map_err(|e| {
+        format!(
+            "{}: coordinator.crt does not verify against ca.crt ({e}); the TLS directory mixes files of two clusters",
+            dir.display()
+        )
+    })?;
+    Ok(tls)
+}
+
+/// A PEM file's text, size-limited (see [`super::files`]).
+fn pem_text(path: &Path) -> Result<String, String> {
+    super::files::read_text(path, super::files::MAX_TEXT_FILE)
+}
+
+/// The first certificate of a PEM file.
+fn pem_cert(path: &Path) -> Result<CertificateDer<'static>, String> {
+    CertificateDer::from_pem_slice(pem_text(path)?.as_bytes()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// `uni_streams`: how many streams the peer may open at first (the coordinator allows none until a
@@ -145,7 +168,7 @@ pub fn client_endpoint(trust: &ServerTrust, identity: Option<&Identity>) -> Resu
                 .with_custom_certificate_verifier(Arc::new(PinnedCert { sha256: pinned, provider }))
         }
         ServerTrust::Ca(path) => {
-            let ca = CertificateDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let ca = pem_cert(path)?;
             let mut roots = RootCertStore::empty();
             roots.add(ca).map_err(|e| format!("{}: {e}", path.display()))?;
             rustls::ClientConfig::builder().with_root_certificates(roots)

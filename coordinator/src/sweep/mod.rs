@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use metatrain_common::config::Config;
+use metatrain_common::net::files::{read_text, MAX_TEXT_FILE};
 use metatrain_common::net::load_or_init_coordinator;
 
 use crate::local::{dial_address, find_worker_binary, shared_capacity, LocalSpec, LocalWorkers};
@@ -74,13 +75,14 @@ extern "C" fn on_interrupt(sig: libc::c_int) {
 }
 
 pub async fn run(args: SweepArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.config)
+    let text = read_text(&args.config, MAX_TEXT_FILE)
+        .map_err(anyhow::Error::msg)
         .with_context(|| format!("cannot read sweep file {}", args.config.display()))?;
     let file = SweepFile::parse(&text).with_context(|| format!("in {}", args.config.display()))?;
     let runs = file.runs().with_context(|| format!("in {}", args.config.display()))?;
     let base = args.config.parent().unwrap_or(Path::new(".")).join(&file.base);
     let base_text =
-        std::fs::read_to_string(&base).with_context(|| format!("cannot read the base config {}", base.display()))?;
+        read_text(&base, MAX_TEXT_FILE).map_err(anyhow::Error::msg).context("cannot read the base config")?;
     // Every run's config is checked before anything starts.
     let mut names = Vec::new();
     let mut configs = Vec::new();
