@@ -152,12 +152,36 @@ pub fn fetch(addr: &str) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&sock, TIMEOUT).with_context(|| format!("cannot connect to {addr}"))?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.take(MAX_RESPONSE).read_to_string(&mut body).with_context(|| format!("reading from {addr}"))?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+        .with_context(|| format!("sending the request to {addr}"))?;
+    // Read until the server closes, within one overall deadline (a server that drips a byte at a time
+    // must not hold us beyond it), at most MAX_RESPONSE bytes.
+    let deadline = Instant::now() + TIMEOUT;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("{addr} did not finish answering within {}s", TIMEOUT.as_secs());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                bail!("{addr} did not finish answering within {}s", TIMEOUT.as_secs())
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("reading from {addr}"))),
+        }
+        if raw.len() as u64 > MAX_RESPONSE {
+            bail!("{addr} answered more than {MAX_RESPONSE} bytes");
+        }
+    }
+    let body = String::from_utf8_lossy(&raw);
     let Some((head, text)) = body.split_once("\r\n\r\n") else { bail!("{addr} did not answer with HTTP") };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{addr} answered {}", head.lines().next().unwrap_or_default());
+    let status = head.lines().next().unwrap_or_default();
+    if !(status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200")) {
+        bail!("{addr} answered {status}");
     }
     if !text.contains("metatrain_meta_steps_total") {
         bail!("{addr} serves metrics, but not a metatrain coordinator's (a worker's? use the coordinator's metrics address)");
