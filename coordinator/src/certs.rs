@@ -33,6 +33,10 @@ pub struct IssueArgs {
     /// and key are written to DIR/workers/NAME.crt and NAME.key.
     #[arg(long, default_value = "tls")]
     pub dir: PathBuf,
+    /// Overwrite an existing certificate and key of this name (the old certificate stays valid until it
+    /// expires; only its files are replaced).
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(cmd: CertsCommand) -> Result<()> {
@@ -45,6 +49,10 @@ pub fn run(cmd: CertsCommand) -> Result<()> {
             );
         }
         CertsCommand::Issue(a) => {
+            let existing = a.dir.join("workers").join(format!("{}.key", a.name));
+            if existing.exists() && !a.force {
+                anyhow::bail!("{} exists; pass --force to replace it", existing.display());
+            }
             let (crt, key) = pki::issue(&a.dir, &a.name).map_err(anyhow::Error::msg)?;
             println!("issued {} and {}", crt.display(), key.display());
             println!(

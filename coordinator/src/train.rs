@@ -542,7 +542,8 @@ fn print_summary(r: &Report, out: &Path) {
         println!("(interrupted: no final evaluation)");
     }
     println!("params_sha256 {}", r.params_sha256);
-    println!("wrote {}/report.json, metrics.csv, params.safetensors, loss.png, loss.svg", out.display());
+    let plots = if out.join("loss.png").exists() { ", loss.png, loss.svg" } else { "" };
+    println!("wrote {}/report.json, metrics.csv, params.safetensors{plots}", out.display());
 }
 
 #[cfg(test)]
