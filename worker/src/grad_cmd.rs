@@ -108,7 +108,10 @@ pub fn run(args: GradArgs) -> Result<()> {
     if args.inner_steps > MAX_INNER_STEPS {
         bail!("--inner-steps must be at most {MAX_INNER_STEPS}, got {}", args.inner_steps);
     }
-    let same = |a: &PathBuf| a == &args.out || std::fs::canonicalize(a).ok() == std::fs::canonicalize(&args.out).ok();
+    let same = |a: &PathBuf| {
+        a == &args.out
+            || matches!((std::fs::canonicalize(a), std::fs::canonicalize(&args.out)), (Ok(x), Ok(y)) if x == y)
+    };
     if same(&args.data) || same(&args.params) {
         bail!("--out {} would overwrite an input; write the gradient elsewhere", args.out.display());
     }
