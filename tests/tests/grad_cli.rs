@@ -162,4 +162,18 @@ fn grad_command_refuses_bad_inputs_clearly() {
     assert!(err.contains("support_x contains NaN or infinite values"), "{err}");
     let err = refused(&dir, "mlp", "1000000", &[("support_x".to_string(), vec![3, 1], vec![0.5; 3])]);
     assert!(err.contains("--inner-steps must be at most 1000"), "{err}");
+    // --out naming an input (here the data file the calls above wrote) is refused before anything runs.
+    let data = dir.join("data.safetensors");
+    let o = Command::new(binary("metatrain-worker"))
+        .args(["grad", "--model", "mlp", "--algo", "maml", "--inner-steps", "1", "--inner-lr", "0.1", "--params"])
+        .arg(dir.join("missing.safetensors"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.join(".").join("data.safetensors"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("would overwrite an input"), "{err}");
+    assert!(data.exists());
 }
