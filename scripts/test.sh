@@ -32,8 +32,9 @@ fi
 
 "$here/scripts/setup.sh"
 cd "$here"
+# --no-fail-fast: one failing test binary must not hide the results of the others.
 if [ $# -gt 0 ]; then
-  cargo test --release "$@"
+  cargo test --release --no-fail-fast "$@"
 else
-  cargo test --release --workspace
+  cargo test --release --no-fail-fast --workspace
 fi
