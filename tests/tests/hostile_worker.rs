@@ -37,14 +37,26 @@ fn result_for(a: &Assignment, len: usize) -> TaskResult {
     }
 }
 
-/// Plays a worker that corrupts every result; returns the reason its connection was closed.
-async fn faulty_worker(addr: SocketAddr, fingerprint: &str, identity: &Identity) -> String {
+/// Connects to the coordinator at `addr` as `identity` (pinning its fingerprint) and says Hello; returns
+/// the endpoint, the connection and the control stream's halves.
+async fn say_hello(
+    addr: SocketAddr,
+    fingerprint: &str,
+    identity: &Identity,
+    name: &str,
+    capacity: u32,
+) -> (quinn::Endpoint, quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.into()), Some(identity)).expect("endpoint");
     let conn = endpoint.connect(addr, server_name()).expect("connect").await.expect("handshake");
-    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
-    let hello =
-        Hello { protocol_version: PROTOCOL_VERSION, worker_name: "faulty".into(), capacity: 4, device: "cpu".into() };
+    let (mut send, recv) = conn.open_bi().await.expect("bi");
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, worker_name: name.into(), capacity, device: "cpu".into() };
     write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+    (endpoint, conn, send, recv)
+}
+
+/// Plays a worker that corrupts every result; returns the reason its connection was closed.
+async fn faulty_worker(addr: SocketAddr, fingerprint: &str, identity: &Identity) -> String {
+    let (_endpoint, conn, _send, mut recv) = say_hello(addr, fingerprint, identity, "faulty", 4).await;
     let limits = Limits::with_payload(1 << 24);
     let mut numel = 0usize;
     let mut sent = 0u32;
@@ -116,16 +128,8 @@ fn a_faulty_worker_is_refused_counted_quarantined_and_changes_nothing() {
 
     // Back during its quarantine: refused at the handshake.
     let again = rt.block_on(async {
-        let endpoint = client_endpoint(&ServerTrust::Fingerprint(fp.clone()), Some(&identity)).expect("endpoint");
-        let conn = endpoint.connect(addr.parse().expect("addr"), server_name()).expect("connect").await.expect("tls");
-        let (mut send, mut recv) = conn.open_bi().await.expect("bi");
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            worker_name: "faulty".into(),
-            capacity: 1,
-            device: "cpu".into(),
-        };
-        write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+        let (_endpoint, _conn, _send, mut recv) =
+            say_hello(addr.parse().expect("addr"), &fp, &identity, "faulty", 1).await;
         read_frame(&mut recv, &Limits::CONTROL).await.ok().flatten().map(|f| f.message)
     });
     assert!(matches!(&again, Some(Message::Refused { reason }) if reason.contains("quarantined")), "{again:?}");
@@ -162,16 +166,7 @@ fn a_stream_flood_is_bounded_and_the_run_goes_on() {
     let before = rss_kib(coord.child.id());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (opened, _conn, _endpoint) = rt.block_on(async {
-        let endpoint = client_endpoint(&ServerTrust::Fingerprint(fp.clone()), Some(&identity)).expect("endpoint");
-        let conn = endpoint.connect(addr.parse().expect("addr"), server_name()).expect("connect").await.expect("tls");
-        let (mut send, _recv) = conn.open_bi().await.expect("bi");
-        let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
-            worker_name: "flooder".into(),
-            capacity: 1,
-            device: "cpu".into(),
-        };
-        write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+        let (endpoint, conn, _send, _recv) = say_hello(addr.parse().expect("addr"), &fp, &identity, "flooder", 1).await;
         // Open result streams and leave each hanging after a prefix that promises a header.
         let mut opened = 0;
         let mut streams = Vec::new();
@@ -207,12 +202,7 @@ fn a_stream_flood_is_bounded_and_the_run_goes_on() {
 /// Joins, sends one NaN gradient for the first task it is given, and leaves. Returns `Some(reason)` if
 /// the coordinator closed the connection (e.g. quarantine) instead.
 async fn one_bad_result(addr: SocketAddr, fingerprint: &str, identity: &Identity) -> Option<String> {
-    let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.into()), Some(identity)).expect("endpoint");
-    let conn = endpoint.connect(addr, server_name()).expect("connect").await.expect("handshake");
-    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
-    let hello =
-        Hello { protocol_version: PROTOCOL_VERSION, worker_name: "flaky".into(), capacity: 1, device: "cpu".into() };
-    write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+    let (endpoint, conn, _send, mut recv) = say_hello(addr, fingerprint, identity, "flaky", 1).await;
     let mut numel = 0;
     while let Ok(Some(frame)) = read_frame(&mut recv, &Limits::with_payload(1 << 24)).await {
         match frame.message {
@@ -254,12 +244,7 @@ fn strikes_follow_the_worker_name_across_reconnects() {
 /// parameter layout allows (refused from the frame's prefix, before any allocation). Returns how the
 /// connection ended: `refused: …` when the coordinator refused the Hello, else its close reason.
 async fn one_malformed_frame(addr: SocketAddr, fingerprint: &str, identity: &Identity) -> String {
-    let endpoint = client_endpoint(&ServerTrust::Fingerprint(fingerprint.into()), Some(identity)).expect("endpoint");
-    let conn = endpoint.connect(addr, server_name()).expect("connect").await.expect("handshake");
-    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
-    let hello =
-        Hello { protocol_version: PROTOCOL_VERSION, worker_name: "garbler".into(), capacity: 1, device: "cpu".into() };
-    write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+    let (endpoint, conn, _send, mut recv) = say_hello(addr, fingerprint, identity, "garbler", 1).await;
     let mut numel = 0;
     while let Ok(Some(frame)) = read_frame(&mut recv, &Limits::with_payload(1 << 24)).await {
         match frame.message {
@@ -301,20 +286,16 @@ fn malformed_frames_are_counted_and_strike_the_worker_name() {
     assert_eq!(counter(&text, "metatrain_workers_quarantined_total"), 1.0);
 }
 
-/// Connects and says Hello as `identity`; returns the connection once welcomed.
-async fn joined(endpoint: &quinn::Endpoint, addr: SocketAddr) -> quinn::Connection {
-    let conn = endpoint.connect(addr, server_name()).expect("connect").await.expect("handshake");
-    let (mut send, mut recv) = conn.open_bi().await.expect("bi");
-    let hello =
-        Hello { protocol_version: PROTOCOL_VERSION, worker_name: "w".into(), capacity: 1, device: "cpu".into() };
-    write_frame(&mut send, &Message::Hello(hello), &[]).await.expect("hello");
+/// Says Hello as `identity`; returns the endpoint and connection once welcomed.
+async fn joined(addr: SocketAddr, fingerprint: &str, identity: &Identity) -> (quinn::Endpoint, quinn::Connection) {
+    let (endpoint, conn, send, mut recv) = say_hello(addr, fingerprint, identity, "w", 1).await;
     match read_frame(&mut recv, &Limits::with_payload(1 << 24)).await.expect("reply").map(|f| f.message) {
         Some(Message::Welcome(_)) => {}
         other => panic!("expected Welcome, got {other:?}"),
     }
     // Keep the control stream's halves alive with the connection.
     std::mem::forget((send, recv));
-    conn
+    (endpoint, conn)
 }
 
 #[test]
@@ -327,16 +308,15 @@ fn a_fifth_connection_under_one_name_supersedes_the_oldest() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let addr: SocketAddr = addr.parse().expect("addr");
     rt.block_on(async {
-        let endpoint = client_endpoint(&ServerTrust::Fingerprint(fp.clone()), Some(&identity)).expect("endpoint");
         let mut conns = Vec::new();
         for _ in 0..4 {
-            conns.push(joined(&endpoint, addr).await);
+            conns.push(joined(addr, &fp, &identity).await);
         }
         // Like a process restarted after SIGKILL whose old connections have not timed out yet.
-        let fifth = joined(&endpoint, addr).await;
-        let closed = tokio::time::timeout(Duration::from_secs(10), conns[0].closed()).await.expect("oldest closed");
+        let (_endpoint, fifth) = joined(addr, &fp, &identity).await;
+        let closed = tokio::time::timeout(Duration::from_secs(10), conns[0].1.closed()).await.expect("oldest closed");
         assert!(closed.to_string().contains("superseded"), "{closed}");
-        for c in &conns[1..] {
+        for (_, c) in &conns[1..] {
             assert!(c.close_reason().is_none(), "only the oldest is closed");
         }
         assert!(fifth.close_reason().is_none());
