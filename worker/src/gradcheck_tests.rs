@@ -24,7 +24,7 @@ thread_local! {
     static RNG: std::cell::RefCell<rand_chacha::ChaCha8Rng> = std::cell::RefCell::new(keyed_rng(&[0]));
 }
 
-fn seeded(seed: i64) {
+pub(crate) fn seeded(seed: i64) {
     RNG.with(|r| *r.borrow_mut() = keyed_rng(&[seed as u64]));
 }
 
@@ -35,7 +35,7 @@ fn draw(shape: &[i64], f: impl Fn(&mut rand_chacha::ChaCha8Rng) -> f64) -> Tenso
 }
 
 /// Standard normal f64 tensor from the test's stream.
-fn randn(shape: &[i64]) -> Tensor {
+pub(crate) fn randn(shape: &[i64]) -> Tensor {
     draw(shape, normal)
 }
 
@@ -45,13 +45,13 @@ fn rand01(shape: &[i64]) -> Tensor {
 }
 
 /// Initial parameters with every tensor perturbed so that norm affine parameters are not 1/0.
-fn params(spec: &ModelSpec, seed: i64) -> Vec<Tensor> {
+pub(crate) fn params(spec: &ModelSpec, seed: i64) -> Vec<Tensor> {
     seeded(seed);
     let flat = spec.init_params(seed as u64);
     params_from_flat(&spec.layout(), &flat, Kind::Double).into_iter().map(|p| &p + randn(&p.size()) * 0.2).collect()
 }
 
-fn regression_task(in_features: i64, n_support: i64, n_query: i64) -> TaskTensors {
+pub(crate) fn regression_task(in_features: i64, n_support: i64, n_query: i64) -> TaskTensors {
     TaskTensors {
         support_x: randn(&[n_support, in_features]),
         support_y: TargetTensor::Real(randn(&[n_support, 1])),
@@ -60,7 +60,7 @@ fn regression_task(in_features: i64, n_support: i64, n_query: i64) -> TaskTensor
     }
 }
 
-fn image_task(n_way: i64, shots: i64, queries: i64) -> TaskTensors {
+pub(crate) fn image_task(n_way: i64, shots: i64, queries: i64) -> TaskTensors {
     let labels = |k: i64| Tensor::arange(n_way, (Kind::Int64, tch::Device::Cpu)).repeat_interleave_self_int(k, 0, None);
     TaskTensors {
         support_x: rand01(&[n_way * shots, 1, 28, 28]),
