@@ -29,7 +29,10 @@ pub struct ClientOptions {
     /// This worker's certificate, for mutual TLS.
     pub identity: Option<Identity>,
     pub name: String,
+    /// Compute threads.
     pub capacity: usize,
+    /// Most training tasks one compute thread computes as one batch.
+    pub batch: usize,
     /// libtorch intra-op threads per compute thread.
     pub threads: usize,
     pub device: Device,
@@ -181,7 +184,8 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         worker_name: opts.name.clone(),
-        capacity: opts.capacity as u32,
+        // Tasks this worker computes at once: every compute thread a full batch.
+        capacity: (opts.capacity * opts.batch) as u32,
         device: format!("{:?}", opts.device).to_lowercase(),
     };
     write_frame(&mut send, &Message::Hello(hello.clone()), &[]).await?;
@@ -209,8 +213,8 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
     );
     let datasets = load_datasets(&config, opts.data_dir.as_deref())?;
     let numel = layout.numel();
-    let ctx = Arc::new(ComputeContext { config, spec, layout, datasets, device: opts.device });
-    let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+    let ctx = Arc::new(ComputeContext { config, spec, layout, datasets, device: opts.device, batch: opts.batch });
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<Vec<Job>>();
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
     let _threads = spawn_pool(ctx, opts.capacity, opts.threads, job_rx, out_tx);
     // The control stream is read by a task of its own: a frame is never dropped half-read because an
@@ -233,12 +237,17 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
                         metrics::counter!("metatrain_worker_params_received_total").increment(1);
                     }
                     Message::Assign { tasks } => {
-                        for assignment in tasks {
-                            let params = versions.get(&assignment.version).cloned().ok_or_else(|| {
-                                anyhow!("task {} needs parameters v{} that were never sent", assignment.id, assignment.version)
-                            })?;
-                            job_tx.send(Job { assignment, params }).map_err(|_| anyhow!("compute pool stopped"))?;
-                        }
+                        // One message's tasks go to the pool together, so that they can be computed as a batch.
+                        let jobs = tasks
+                            .into_iter()
+                            .map(|assignment| {
+                                let params = versions.get(&assignment.version).cloned().ok_or_else(|| {
+                                    anyhow!("task {} needs parameters v{} that were never sent", assignment.id, assignment.version)
+                                })?;
+                                Ok(Job { assignment, params })
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        job_tx.send(jobs).map_err(|_| anyhow!("compute pool stopped"))?;
                     }
                     Message::Shutdown { reason } => return Ok(SessionEnd::Shutdown(reason)),
                     other => bail!("unexpected {} message from the coordinator", other.kind()),

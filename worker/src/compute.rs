@@ -1,6 +1,12 @@
 //! Tensor work on dedicated threads (never on the async runtime): a pool of `capacity` threads takes
-//! [`Job`]s from a channel and sends back [`Outcome`]s. Each thread builds the task's data from its spec,
-//! runs the inner loop and the meta-gradient, and flattens the result for the wire.
+//! groups of [`Job`]s (one `Assign` message's tasks) from a channel and sends back one [`Outcome`] per
+//! job. Each thread builds the tasks' data from their specs, runs the inner loop and the meta-gradient,
+//! and flattens the results for the wire.
+//!
+//! Training tasks are computed as batches ([`crate::batched`]): a thread takes everything queued, up to
+//! `batch` tasks, and computes the tasks that share a parameter version as one batched computation. A
+//! task's result does not depend on the batch it lands in (tested), so a run stays reproducible whatever
+//! the number of workers and their batch sizes. Evaluation tasks run one at a time ([`crate::algo`]).
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -13,7 +19,8 @@ use metatrain_common::task::{generate, Datasets};
 use metatrain_common::tensor::Dtype;
 use tch::{Device, Kind};
 
-use crate::algo::{evaluate_task, meta_gradient, InnerLoop};
+use crate::algo::{evaluate_task, InnerLoop, TaskOutput, TaskTensors};
+use crate::batched::{meta_gradients, TaskBatch};
 use crate::tensors::{flat_from_tensors, params_from_flat, task_tensors};
 
 /// Everything a compute thread needs besides the job itself; fixed for a session.
@@ -23,6 +30,8 @@ pub struct ComputeContext {
     pub layout: ParamLayout,
     pub datasets: Datasets,
     pub device: Device,
+    /// Most training tasks computed as one batch.
+    pub batch: usize,
 }
 
 pub struct Job {
@@ -42,7 +51,7 @@ pub fn spawn_pool(
     ctx: Arc<ComputeContext>,
     threads: usize,
     intra_op_threads: usize,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Vec<Job>>,
     out: tokio::sync::mpsc::UnboundedSender<Outcome>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let jobs = Arc::new(Mutex::new(jobs));
@@ -57,16 +66,11 @@ pub fn spawn_pool(
                     if tch::get_num_threads() != intra_op_threads as i32 {
                         tch::set_num_threads(intra_op_threads as i32);
                     }
-                    let job = match jobs.lock() {
-                        Ok(rx) => match rx.recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        },
-                        Err(_) => return,
-                    };
-                    let result = run_task(&ctx, &job);
-                    if out.send(Outcome { assignment: job.assignment, result }).is_err() {
-                        return;
+                    let Some(taken) = take_jobs(&jobs, ctx.batch) else { return };
+                    for outcome in run_jobs(&ctx, taken) {
+                        if out.send(outcome).is_err() {
+                            return;
+                        }
                     }
                 })
                 .expect("spawning a compute thread")
@@ -74,7 +78,97 @@ pub fn spawn_pool(
         .collect()
 }
 
-/// Computes one task.
+/// Waits for a group of jobs, then takes every further group already queued while fewer than `batch`
+/// jobs are in hand. `None`: the channel closed (or a thread panicked holding it).
+fn take_jobs(jobs: &Mutex<Receiver<Vec<Job>>>, batch: usize) -> Option<Vec<Job>> {
+    let rx = jobs.lock().ok()?;
+    let mut taken = rx.recv().ok()?;
+    while taken.len() < batch {
+        match rx.try_recv() {
+            Ok(more) => taken.extend(more),
+            Err(_) => break,
+        }
+    }
+    Some(taken)
+}
+
+/// Computes `jobs`: evaluation tasks one by one, training tasks in batches of at most `ctx.batch` tasks
+/// that share a parameter version.
+fn run_jobs(ctx: &ComputeContext, jobs: Vec<Job>) -> Vec<Outcome> {
+    let (train, eval): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.assignment.mode == Mode::Train);
+    let mut outcomes: Vec<Outcome> = eval
+        .into_iter()
+        .map(|job| {
+            let result = run_task(ctx, &job);
+            Outcome { assignment: job.assignment, result }
+        })
+        .collect();
+    let mut by_version: Vec<Vec<Job>> = Vec::new();
+    for job in train {
+        match by_version.iter_mut().find(|g| g[0].assignment.version == job.assignment.version) {
+            Some(group) => group.push(job),
+            None => by_version.push(vec![job]),
+        }
+    }
+    for group in by_version {
+        let mut group = group.into_iter().peekable();
+        while group.peek().is_some() {
+            let chunk: Vec<Job> = group.by_ref().take(ctx.batch.max(1)).collect();
+            outcomes.extend(run_batch(ctx, chunk));
+        }
+    }
+    outcomes
+}
+
+/// Computes training tasks that share a parameter version as one batch. A task whose data cannot be
+/// made fails alone; the others are computed.
+fn run_batch(ctx: &ComputeContext, jobs: Vec<Job>) -> Vec<Outcome> {
+    let started = Instant::now();
+    let mut outcomes = Vec::new();
+    let mut ready: Vec<(Job, f64, TaskTensors)> = Vec::new();
+    for job in jobs {
+        match generate(&ctx.config, &job.assignment.spec, &ctx.datasets) {
+            Ok(data) => {
+                let tensors = task_tensors(&data, Kind::Float).to_device(ctx.device);
+                ready.push((job, data.difficulty, tensors));
+            }
+            Err(e) => outcomes.push(Outcome { assignment: job.assignment, result: Err(e.to_string()) }),
+        }
+    }
+    let Some((first, _, _)) = ready.first() else { return outcomes };
+    let params: Vec<_> = params_from_flat(&ctx.layout, &first.params, Kind::Float)
+        .into_iter()
+        .map(|t| t.to_device(ctx.device))
+        .collect();
+    let (jobs, rest): (Vec<(Job, f64)>, Vec<TaskTensors>) = ready.into_iter().map(|(j, d, t)| ((j, d), t)).unzip();
+    let batch = match TaskBatch::stack(&rest) {
+        Ok(batch) => batch,
+        Err(e) => {
+            let reason = format!("cannot batch this run's tasks: {e}");
+            outcomes.extend(jobs.into_iter().map(|(j, _)| Outcome { assignment: j.assignment, result: Err(reason.clone()) }));
+            return outcomes;
+        }
+    };
+    let algo = &ctx.config.algo;
+    let inner = InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp };
+    let outputs = meta_gradients(&ctx.spec, algo.name, &params, &batch, &inner);
+    // The batch's time, shared equally by its tasks.
+    let seconds = started.elapsed().as_secs_f32() / jobs.len() as f32;
+    for ((job, difficulty), output) in jobs.into_iter().zip(outputs) {
+        let result = flatten(&output).map(|grad| (task_result(&job.assignment, &output, difficulty, seconds, &grad), grad));
+        outcomes.push(Outcome { assignment: job.assignment, result });
+    }
+    outcomes
+}
+
+fn flatten(output: &TaskOutput) -> Result<Vec<f32>, String> {
+    match &output.meta_gradient {
+        Some(g) => flat_from_tensors(g).map_err(|e| e.to_string()),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Computes one evaluation task (adaptation without a meta-gradient).
 pub fn run_task(ctx: &ComputeContext, job: &Job) -> Result<(TaskResult, Vec<f32>), String> {
     let started = Instant::now();
     let a = &job.assignment;
@@ -82,27 +176,18 @@ pub fn run_task(ctx: &ComputeContext, job: &Job) -> Result<(TaskResult, Vec<f32>
     let task = task_tensors(&data, Kind::Float).to_device(ctx.device);
     let params: Vec<_> =
         params_from_flat(&ctx.layout, &job.params, Kind::Float).into_iter().map(|t| t.to_device(ctx.device)).collect();
-    let algo = &ctx.config.algo;
-    let (output, grad) = match a.mode {
-        Mode::Train => {
-            let inner = InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp };
-            let out = meta_gradient(&ctx.spec, algo.name, &params, &task, &inner);
-            let grad = match &out.meta_gradient {
-                Some(g) => flat_from_tensors(g).map_err(|e| e.to_string())?,
-                None => Vec::new(),
-            };
-            (out, grad)
-        }
-        Mode::Eval => {
-            let inner = InnerLoop {
-                steps: ctx.config.eval.inner_steps,
-                lr: ctx.config.eval_inner_lr(),
-                clamp: algo.inner_grad_clamp,
-            };
-            (evaluate_task(&ctx.spec, &params, &task, &inner), Vec::new())
-        }
+    let inner = InnerLoop {
+        steps: ctx.config.eval.inner_steps,
+        lr: ctx.config.eval_inner_lr(),
+        clamp: ctx.config.algo.inner_grad_clamp,
     };
-    let result = TaskResult {
+    let output = evaluate_task(&ctx.spec, &params, &task, &inner);
+    let grad = flatten(&output)?;
+    Ok((task_result(a, &output, data.difficulty, started.elapsed().as_secs_f32(), &grad), grad))
+}
+
+fn task_result(a: &Assignment, output: &TaskOutput, difficulty: f64, seconds: f32, grad: &[f32]) -> TaskResult {
+    TaskResult {
         id: a.id,
         version: a.version,
         mode: a.mode,
@@ -110,10 +195,9 @@ pub fn run_task(ctx: &ComputeContext, job: &Job) -> Result<(TaskResult, Vec<f32>
         post_loss: output.post_loss as f32,
         pre_accuracy: output.pre_accuracy.map(|v| v as f32),
         post_accuracy: output.post_accuracy.map(|v| v as f32),
-        compute_seconds: started.elapsed().as_secs_f32(),
-        difficulty: data.difficulty as f32,
+        compute_seconds: seconds,
+        difficulty: difficulty as f32,
         grad_dtype: Dtype::F32,
         grad_len: grad.len() as u64,
-    };
-    Ok((result, grad))
+    }
 }

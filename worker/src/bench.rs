@@ -1,0 +1,152 @@
+//! `metatrain-worker bench`: meta-gradient tasks per second on this machine, per-task loop against the
+//! batched path, both measured in the same run on the same tasks.
+//!
+//! Tasks are the config's own (real sinusoid / noisy-linear / Omniglot episodes, materialised from their
+//! specs as a worker does), converted to tensors before timing: the figures are the compute alone, which
+//! is what `bench/pytorch_reference.py` times too. The cost of materialising a task from its spec is
+//! measured separately and printed, so it can be compared with the compute.
+//!
+//! Each measurement warms up, then repeats whole rounds (one pass over `--batch` tasks) until
+//! `--seconds` have passed, and reports tasks/s over all rounds. The machine is shared and noisy: use
+//! ratios from one run, not absolute numbers across runs.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use metatrain_common::config::{AlgoKind, Config};
+use metatrain_common::layout::ModelSpec;
+use metatrain_common::task::{generate, Split, TaskSpec};
+use tch::Kind;
+
+use crate::algo::{meta_gradient, InnerLoop, TaskTensors};
+use crate::batched::{meta_gradients, TaskBatch};
+use crate::data::load_datasets;
+use crate::tensors::{params_from_flat, task_tensors};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Run configuration (TOML) whose model, task distribution and inner loop are measured.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// `maml`, `fomaml` or `both`.
+    #[arg(long, default_value = "both")]
+    pub algo: String,
+    /// Tasks per round, and the size of the batch the batched path computes at once.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Seconds each measurement runs (after a warm-up round).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// libtorch intra-op threads (the worker's default is 1).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Directory holding `omniglot/` (as for `run`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Print one JSON object per measurement instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Most tasks per round: a round's tasks are all held in memory, as is the batched graph.
+const MAX_BATCH: usize = 4096;
+/// Longest measurement accepted (seconds).
+const MAX_SECONDS: f64 = 600.0;
+
+struct Measured {
+    tasks_per_s: f64,
+    rounds: usize,
+}
+
+/// Repeats `round` (which computes `tasks` tasks) for about `seconds`, after one warm-up round.
+fn measure(tasks: usize, seconds: f64, mut round: impl FnMut()) -> Measured {
+    round();
+    let started = Instant::now();
+    let mut rounds = 0;
+    while rounds == 0 || started.elapsed() < Duration::from_secs_f64(seconds) {
+        round();
+        rounds += 1;
+    }
+    Measured { tasks_per_s: (rounds * tasks) as f64 / started.elapsed().as_secs_f64(), rounds }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.batch == 0 || args.batch > MAX_BATCH {
+        bail!("--batch must be 1..={MAX_BATCH}, got {}", args.batch);
+    }
+    if !(args.seconds > 0.0 && args.seconds <= MAX_SECONDS) {
+        bail!("--seconds must be in (0, {MAX_SECONDS}], got {}", args.seconds);
+    }
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let algos = match args.algo.as_str() {
+        "maml" => vec![AlgoKind::Maml],
+        "fomaml" => vec![AlgoKind::Fomaml],
+        "both" => vec![AlgoKind::Maml, AlgoKind::Fomaml],
+        other => bail!("--algo must be maml, fomaml or both, got {other:?}"),
+    };
+    tch::set_num_threads(args.threads as i32);
+    let text = metatrain_common::net::files::read_text(&args.config, 1 << 20)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("cannot read {}", args.config.display()))?;
+    let config = Config::from_toml(&text).with_context(|| format!("invalid config {}", args.config.display()))?;
+    let spec = ModelSpec::from_config(&config);
+    let datasets = load_datasets(&config, args.data_dir.as_deref())?;
+    let params = params_from_flat(&spec.layout(), &spec.init_params(config.seed), Kind::Float);
+    let inner =
+        InnerLoop { steps: config.algo.inner_steps, lr: config.algo.inner_lr, clamp: config.algo.inner_grad_clamp };
+
+    let started = Instant::now();
+    let data: Vec<_> = (0..args.batch as u32)
+        .map(|index| generate(&config, &TaskSpec::new(config.seed, Split::Train, 0, index), &datasets))
+        .collect::<Result<_, _>>()
+        .context("cannot make the benchmark's tasks")?;
+    let generate_per_s = args.batch as f64 / started.elapsed().as_secs_f64();
+    let tasks: Vec<TaskTensors> = data.iter().map(|d| task_tensors(d, Kind::Float)).collect();
+    let batch = TaskBatch::stack(&tasks)?;
+
+    let model = config.model.name.name();
+    let distribution = config.task.describe();
+    if !args.json {
+        println!(
+            "model {model} on {distribution}: {} parameters, inner steps {}, {} intra-op thread(s), {} tasks per round",
+            spec.layout().numel(),
+            inner.steps,
+            args.threads,
+            args.batch
+        );
+        println!("materialising a task from its spec: {generate_per_s:.0} tasks/s (not included below)");
+        println!("{:<8} {:>16} {:>16} {:>8}", "algo", "loop tasks/s", "batched tasks/s", "ratio");
+    }
+    for algo in algos {
+        let looped = measure(args.batch, args.seconds, || {
+            for t in &tasks {
+                let out = meta_gradient(&spec, algo, &params, t, &inner);
+                std::hint::black_box(out.meta_gradient);
+            }
+        });
+        let batched = measure(args.batch, args.seconds, || {
+            let out = meta_gradients(&spec, algo, &params, &batch, &inner);
+            std::hint::black_box(out);
+        });
+        let ratio = batched.tasks_per_s / looped.tasks_per_s;
+        let algo_name = algo.name();
+        if args.json {
+            println!(
+                "{{\"model\":\"{model}\",\"distribution\":\"{distribution}\",\"algo\":\"{algo_name}\",\"threads\":{},\
+\"tasks\":{},\"loop_tasks_per_s\":{:.3},\"batched_tasks_per_s\":{:.3},\"batched_over_loop\":{ratio:.3},\
+\"loop_rounds\":{},\"batched_rounds\":{},\"generate_tasks_per_s\":{generate_per_s:.3}}}",
+                args.threads, args.batch, looped.tasks_per_s, batched.tasks_per_s, looped.rounds, batched.rounds
+            );
+        } else {
+            println!(
+                "{algo_name:<8} {:>16.1} {:>16.1} {:>7.2}×",
+                looped.tasks_per_s, batched.tasks_per_s, ratio
+            );
+        }
+    }
+    Ok(())
+}
