@@ -67,7 +67,7 @@ pub struct LocalSpec<'a> {
     pub tls_dir: &'a Path,
     /// libtorch threads per compute thread.
     pub threads: usize,
-    /// Tasks each worker computes at once (one compute thread each).
+    /// Compute threads per worker (`--capacity`); each batches the training tasks it holds.
     pub capacity: usize,
     pub data_dir: Option<&'a Path>,
     /// Keep serving run after run on the same address (`metatrain-worker run --stay`): the worker pool

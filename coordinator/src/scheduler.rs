@@ -69,7 +69,8 @@ pub enum Verdict {
 #[derive(Debug)]
 struct Worker {
     limit: usize,
-    in_flight: BTreeSet<TaskId>,
+    /// Tasks held, with when each was assigned to this worker.
+    in_flight: BTreeMap<TaskId, Instant>,
     version: Option<u64>,
 }
 
@@ -143,14 +144,14 @@ impl Scheduler {
 
     /// A worker that may hold `limit` tasks at once joined.
     pub fn worker_joined(&mut self, worker: WorkerId, limit: usize, now: Instant) -> Vec<Action> {
-        self.workers.insert(worker, Worker { limit: limit.max(1), in_flight: BTreeSet::new(), version: None });
+        self.workers.insert(worker, Worker { limit: limit.max(1), in_flight: BTreeMap::new(), version: None });
         self.fill(now)
     }
 
     /// A worker left (closed, crashed, timed out): tasks only it was computing go back to the queue.
     pub fn worker_left(&mut self, worker: WorkerId, now: Instant) -> Vec<Action> {
         if let Some(w) = self.workers.remove(&worker) {
-            for id in w.in_flight {
+            for id in w.in_flight.into_keys() {
                 self.release(worker, id);
             }
         }
@@ -192,7 +193,7 @@ impl Scheduler {
 
     /// Whether `worker` was given `task` and has not returned it (its slot is taken).
     pub fn holds(&self, worker: WorkerId, task: TaskId) -> bool {
-        self.workers.get(&worker).is_some_and(|w| w.in_flight.contains(&task))
+        self.workers.get(&worker).is_some_and(|w| w.in_flight.contains_key(&task))
     }
 
     /// Whether `task` belongs to the current batch.
@@ -209,7 +210,7 @@ impl Scheduler {
         mode: Mode,
         now: Instant,
     ) -> (Verdict, Vec<Action>) {
-        let held = self.workers.get_mut(&worker).is_some_and(|w| w.in_flight.remove(&task));
+        let held = self.workers.get_mut(&worker).is_some_and(|w| w.in_flight.remove(&task).is_some());
         if !held {
             return (Verdict::NotAssigned, Vec::new());
         }
@@ -298,15 +299,38 @@ impl Scheduler {
         }
     }
 
-    /// Hands pending tasks to workers with room, lowest worker id first, lowest task index first; a worker
-    /// never gets a task it is still holding, nor one that failed on it while another worker could take it.
+    /// Hands pending tasks to workers with room, lowest task index first. The queue is shared out in
+    /// proportion to each worker's free slots (rounded up, lowest worker id first), not poured into the
+    /// first worker until it is full: a worker computes the tasks it holds as one batch, so a meta-batch
+    /// smaller than one worker's room must still spread over every worker. A worker holding a straggler
+    /// gets nothing while some worker does not ([`Self::suspects`]). A worker never gets a task it is
+    /// still holding, nor one that failed on it while another worker could take it.
     fn fill(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let connected: Vec<WorkerId> = self.workers.keys().copied().collect();
+        let mut suspects = self.suspects(now);
+        if suspects.len() == self.workers.len() {
+            suspects.clear(); // nobody looks healthy: use everyone
+        }
+        let free_of = |wid: &WorkerId, w: &Worker| {
+            if suspects.contains(wid) {
+                0
+            } else {
+                w.limit.saturating_sub(w.in_flight.len())
+            }
+        };
+        let mut free_total: usize = self.workers.iter().map(|(wid, w)| free_of(wid, w)).sum();
+        let mut pending = self.queue.len();
         for (&wid, w) in self.workers.iter_mut() {
+            let free = free_of(&wid, w);
+            if free == 0 || free_total == 0 {
+                continue;
+            }
+            let share = (pending * free).div_ceil(free_total).min(free);
+            free_total -= free;
             let mut batch = Vec::new();
             let mut skipped = Vec::new();
-            while w.in_flight.len() < w.limit {
+            while batch.len() < share {
                 let Some((index, id)) = self.queue.pop_first() else { break };
                 let Some(t) = self.tasks.get_mut(&id) else { continue };
                 let failed_here = t.failed_on.contains(&wid) && connected.iter().any(|c| !t.failed_on.contains(c));
@@ -318,10 +342,11 @@ impl Scheduler {
                 t.first_assigned.get_or_insert(now);
                 t.copies += 1;
                 t.holders.insert(wid);
-                w.in_flight.insert(id);
+                w.in_flight.insert(id, now);
                 batch.push(t.assignment.clone());
             }
             self.queue.extend(skipped);
+            pending = pending.saturating_sub(batch.len());
             push_assign(&mut actions, wid, w, self.version, batch);
         }
         actions
@@ -333,36 +358,60 @@ impl Scheduler {
         if !self.queue.is_empty() {
             return Vec::new();
         }
-        let threshold = match self.latency {
-            Some(latency) => Duration::from_secs_f64(STRAGGLER_FACTOR * latency).max(STRAGGLER_MIN),
-            None => self.timeout.mul_f64(NO_ESTIMATE_FRACTION).max(STRAGGLER_MIN),
-        };
+        let threshold = self.straggler_threshold();
         let mut actions = Vec::new();
         for (&wid, w) in self.workers.iter_mut() {
-            if w.in_flight.len() >= w.limit {
+            let free = w.limit.saturating_sub(w.in_flight.len());
+            if free == 0 {
                 continue;
             }
-            let straggler = self
+            // Oldest first, as many as the worker has room for: it computes them as one batch.
+            let mut stragglers: Vec<(Instant, TaskId)> = self
                 .tasks
-                .iter_mut()
+                .iter()
                 .filter(|(_, t)| {
                     t.holders.len() < MAX_COPIES && !t.holders.contains(&wid) && !t.failed_on.contains(&wid)
                 })
                 .filter_map(|(id, t)| match t.state {
                     TaskState::Running { started, .. } if now.saturating_duration_since(started) >= threshold => {
-                        Some((started, *id, t))
+                        Some((started, *id))
                     }
                     _ => None,
                 })
-                .min_by_key(|(started, id, _)| (*started, *id));
-            let Some((_, id, t)) = straggler else { continue };
-            t.holders.insert(wid);
-            t.copies += 1;
-            w.in_flight.insert(id);
-            self.stats.duplicated += 1;
-            push_assign(&mut actions, wid, w, self.version, vec![t.assignment.clone()]);
+                .collect();
+            stragglers.sort();
+            let mut batch = Vec::new();
+            for (_, id) in stragglers.into_iter().take(free) {
+                let Some(t) = self.tasks.get_mut(&id) else { continue };
+                t.holders.insert(wid);
+                t.copies += 1;
+                w.in_flight.insert(id, now);
+                self.stats.duplicated += 1;
+                batch.push(t.assignment.clone());
+            }
+            push_assign(&mut actions, wid, w, self.version, batch);
         }
         actions
+    }
+
+    /// How long a task may run before it counts as a straggler.
+    fn straggler_threshold(&self) -> Duration {
+        match self.latency {
+            Some(latency) => Duration::from_secs_f64(STRAGGLER_FACTOR * latency).max(STRAGGLER_MIN),
+            None => self.timeout.mul_f64(NO_ESTIMATE_FRACTION).max(STRAGGLER_MIN),
+        }
+    }
+
+    /// Workers holding a task (of this step or an earlier one) for longer than a straggler may run:
+    /// probably dead (a killed worker's connection lingers until QUIC's idle timeout) or overloaded, so
+    /// they get no new tasks while another worker can take them.
+    fn suspects(&self, now: Instant) -> BTreeSet<WorkerId> {
+        let threshold = self.straggler_threshold();
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.in_flight.values().any(|&at| now.saturating_duration_since(at) >= threshold))
+            .map(|(&wid, _)| wid)
+            .collect()
     }
 }
 
@@ -594,6 +643,30 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_holding_a_straggler_gets_no_new_tasks_while_another_can_take_them() {
+        let t0 = Instant::now();
+        let s_ = Duration::from_secs;
+        let mut s = Scheduler::new(s_(40));
+        s.worker_joined(1, 8, t0);
+        s.worker_joined(2, 8, t0);
+        let a = s.start_batch(0, batch(0, 4, 0), t0);
+        assert_eq!((assigned(&a, 1), assigned(&a, 2)), (vec![0, 1], vec![2, 3]), "shared out in proportion");
+        // Worker 2 answers; worker 1 (say, killed) does not. Step 0's tasks 0 and 1 go to worker 2 as
+        // stragglers; the next meta-batch goes to worker 2 alone while worker 1 holds stragglers.
+        for id in [2, 3] {
+            s.result(2, id, 0, Mode::Train, t0);
+        }
+        let a = s.tick(t0 + s_(10));
+        assert_eq!(assigned(&a, 2), vec![0, 1]);
+        for id in [0, 1] {
+            s.result(2, id, 0, Mode::Train, t0 + s_(10));
+        }
+        let a = s.start_batch(1, batch(1, 4, 10), t0 + s_(10));
+        assert!(assigned(&a, 1).is_empty());
+        assert_eq!(assigned(&a, 2), vec![10, 11, 12, 13]);
+    }
+
+    #[test]
     fn before_any_latency_is_known_a_silent_worker_is_duplicated_after_a_quarter_timeout() {
         let t0 = Instant::now();
         let s_ = Duration::from_secs;
@@ -602,11 +675,10 @@ mod tests {
         s.start_batch(0, batch(0, 2, 0), t0);
         s.worker_joined(2, 8, t0);
         assert!(s.tick(t0 + s_(9)).is_empty());
-        // One copy per idle worker per tick, oldest first.
+        // Every straggler an idle worker has room for, oldest first, in one assignment (one batch).
         let a = s.tick(t0 + s_(10));
-        assert_eq!(assigned(&a, 2), vec![0]);
-        let a = s.tick(t0 + s_(11));
-        assert_eq!(assigned(&a, 2), vec![1]);
+        assert_eq!(assigned(&a, 2), vec![0, 1]);
+        assert!(s.tick(t0 + s_(11)).is_empty(), "at most MAX_COPIES copies");
         assert_eq!(s.stats.duplicated, 2);
     }
 

@@ -6,8 +6,9 @@ use metatrain_common::protocol::{Hello, Welcome, PROTOCOL_VERSION};
 
 use crate::server::ServerContext;
 
-/// Most tasks a worker may claim to run at once (bounds its share of in-flight tasks).
-const MAX_CAPACITY: u32 = 256;
+/// Most tasks a worker may claim to run at once (bounds its share of in-flight tasks): 16 compute threads
+/// with batches of 256 tasks.
+const MAX_CAPACITY: u32 = 4096;
 
 /// `Ok(Welcome)` or the reason for refusal (sent to the worker, so it names both sides' values). `name`
 /// is the worker's authenticated name (its certificate's), or its claimed one without authentication.
