@@ -13,7 +13,7 @@ use metatrain_common::config::Config;
 use metatrain_common::layout::ModelSpec;
 use metatrain_common::net::{client_endpoint, read_frame, server_name, write_frame, Identity, NetError, ServerTrust};
 use metatrain_common::protocol::{Frame, Hello, Limits, Message, Mode, PROTOCOL_VERSION};
-use metatrain_common::tensor::{decode_f32, encode_f32};
+use metatrain_common::tensor::{decode_f32, encode};
 use tch::Device;
 
 use crate::compute::{spawn_pool, ComputeContext, Job, Outcome};
@@ -294,7 +294,10 @@ async fn send_outcome(connection: &quinn::Connection, outcome: Outcome) -> Resul
             metrics::histogram!("metatrain_worker_task_duration_seconds", "mode" => mode)
                 .record(result.compute_seconds as f64);
             metrics::counter!("metatrain_worker_tasks_completed_total", "mode" => mode).increment(1);
-            (Message::Result(result), encode_f32(&grad))
+            {
+            let payload = encode(&grad, result.grad_dtype);
+            (Message::Result(result), payload)
+        }
         }
         Err(reason) => {
             tracing::warn!("task {} failed: {reason}", a.id);

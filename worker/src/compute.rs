@@ -155,7 +155,8 @@ fn run_batch(ctx: &ComputeContext, jobs: Vec<Job>) -> Vec<Outcome> {
     // The batch's time, shared equally by its tasks.
     let seconds = started.elapsed().as_secs_f32() / jobs.len() as f32;
     for ((job, difficulty), output) in jobs.into_iter().zip(outputs) {
-        let result = flatten(&output).map(|grad| (task_result(&job.assignment, &output, difficulty, seconds, &grad), grad));
+        let result = flatten(&output)
+            .map(|grad| (task_result(&job.assignment, &output, difficulty, seconds, &grad, ctx.config.cluster.grad_dtype), grad));
         outcomes.push(Outcome { assignment: job.assignment, result });
     }
     outcomes
@@ -183,10 +184,11 @@ pub fn run_task(ctx: &ComputeContext, job: &Job) -> Result<(TaskResult, Vec<f32>
     };
     let output = evaluate_task(&ctx.spec, &params, &task, &inner);
     let grad = flatten(&output)?;
-    Ok((task_result(a, &output, data.difficulty, started.elapsed().as_secs_f32(), &grad), grad))
+    Ok((task_result(a, &output, data.difficulty, started.elapsed().as_secs_f32(), &grad, Dtype::F32), grad))
 }
 
-fn task_result(a: &Assignment, output: &TaskOutput, difficulty: f64, seconds: f32, grad: &[f32]) -> TaskResult {
+/// The result header; the gradient travels as `wire` (see `cluster.grad_dtype`).
+fn task_result(a: &Assignment, output: &TaskOutput, difficulty: f64, seconds: f32, grad: &[f32], wire: Dtype) -> TaskResult {
     TaskResult {
         id: a.id,
         version: a.version,
@@ -197,7 +199,7 @@ fn task_result(a: &Assignment, output: &TaskOutput, difficulty: f64, seconds: f3
         post_accuracy: output.post_accuracy.map(|v| v as f32),
         compute_seconds: seconds,
         difficulty: difficulty as f32,
-        grad_dtype: Dtype::F32,
+        grad_dtype: wire,
         grad_len: grad.len() as u64,
     }
 }

@@ -266,11 +266,15 @@ pub struct ClusterConfig {
     pub tasks_in_flight: usize,
     /// A task not returned this many seconds after assignment is reassigned. Default 120.
     pub task_timeout_secs: f64,
+    /// Element type of meta-gradients on the wire: `f32` (default, exact), `bf16` or `f16` (half the
+    /// bytes; rounding error at most 2^-8 resp. 2^-11 relative per element, f16 saturating at 65504).
+    /// Parameters always travel as f32.
+    pub grad_dtype: crate::tensor::Dtype,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { tasks_in_flight: 4, task_timeout_secs: 120.0 }
+        ClusterConfig { tasks_in_flight: 4, task_timeout_secs: 120.0, grad_dtype: crate::tensor::Dtype::F32 }
     }
 }
 
