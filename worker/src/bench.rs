@@ -42,6 +42,9 @@ pub struct BenchArgs {
     /// libtorch intra-op threads (the worker's default is 1).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
+    pub device: tch::Device,
     /// Directory holding `omniglot/` (as for `run`).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -60,13 +63,21 @@ struct Measured {
     rounds: usize,
 }
 
-/// Repeats `round` (which computes `tasks` tasks) for about `seconds`, after one warm-up round.
-fn measure(tasks: usize, seconds: f64, mut round: impl FnMut()) -> Measured {
+/// Repeats `round` (which computes `tasks` tasks) for about `seconds`, after one warm-up round. On CUDA
+/// each round ends with a synchronisation, so queued kernels count.
+fn measure(tasks: usize, seconds: f64, device: tch::Device, mut round: impl FnMut()) -> Measured {
+    let sync = || {
+        if let tch::Device::Cuda(n) = device {
+            tch::Cuda::synchronize(n as i64);
+        }
+    };
     round();
+    sync();
     let started = Instant::now();
     let mut rounds = 0;
     while rounds == 0 || started.elapsed() < Duration::from_secs_f64(seconds) {
         round();
+        sync();
         rounds += 1;
     }
     Measured { tasks_per_s: (rounds * tasks) as f64 / started.elapsed().as_secs_f64(), rounds }
@@ -88,6 +99,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "both" => vec![AlgoKind::Maml, AlgoKind::Fomaml],
         other => bail!("--algo must be maml, fomaml or both, got {other:?}"),
     };
+    crate::check_devices(&[args.device])?;
     tch::set_num_threads(args.threads as i32);
     let text = metatrain_common::net::files::read_text(&args.config, 1 << 20)
         .map_err(anyhow::Error::msg)
@@ -95,7 +107,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let config = Config::from_toml(&text).with_context(|| format!("invalid config {}", args.config.display()))?;
     let spec = ModelSpec::from_config(&config);
     let datasets = load_datasets(&config, args.data_dir.as_deref())?;
-    let params = params_from_flat(&spec.layout(), &spec.init_params(config.seed), Kind::Float);
+    let device = args.device;
+    let params: Vec<_> = params_from_flat(&spec.layout(), &spec.init_params(config.seed), Kind::Float)
+        .into_iter()
+        .map(|t| t.to_device(device))
+        .collect();
     let inner =
         InnerLoop { steps: config.algo.inner_steps, lr: config.algo.inner_lr, clamp: config.algo.inner_grad_clamp };
 
@@ -105,7 +121,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .collect::<Result<_, _>>()
         .context("cannot make the benchmark's tasks")?;
     let generate_per_s = args.batch as f64 / started.elapsed().as_secs_f64();
-    let tasks: Vec<TaskTensors> = data.iter().map(|d| task_tensors(d, Kind::Float)).collect();
+    let tasks: Vec<TaskTensors> = data.iter().map(|d| task_tensors(d, Kind::Float).to_device(device)).collect();
     let batch = TaskBatch::stack(&tasks)?;
 
     let model = config.model.name.name();
@@ -122,13 +138,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{:<8} {:>16} {:>16} {:>8}", "algo", "loop tasks/s", "batched tasks/s", "ratio");
     }
     for algo in algos {
-        let looped = measure(args.batch, args.seconds, || {
+        let looped = measure(args.batch, args.seconds, device, || {
             for t in &tasks {
                 let out = meta_gradient(&spec, algo, &params, t, &inner);
                 std::hint::black_box(out.meta_gradient);
             }
         });
-        let batched = measure(args.batch, args.seconds, || {
+        let batched = measure(args.batch, args.seconds, device, || {
             let out = meta_gradients(&spec, algo, &params, &batch, &inner);
             std::hint::black_box(out);
         });

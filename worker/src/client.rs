@@ -35,7 +35,8 @@ pub struct ClientOptions {
     pub batch: usize,
     /// libtorch intra-op threads per compute thread.
     pub threads: usize,
-    pub device: Device,
+    /// Devices for the compute threads (round robin).
+    pub devices: Vec<Device>,
     pub data_dir: Option<PathBuf>,
     /// Keep trying to connect this long before giving up (at start and after a lost connection).
     pub connect_timeout: Duration,
@@ -186,7 +187,7 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
         worker_name: opts.name.clone(),
         // Tasks this worker computes at once: every compute thread a full batch.
         capacity: (opts.capacity * opts.batch) as u32,
-        device: format!("{:?}", opts.device).to_lowercase(),
+        device: opts.devices.iter().map(|d| format!("{d:?}").to_lowercase()).collect::<Vec<_>>().join(","),
     };
     write_frame(&mut send, &Message::Hello(hello.clone()), &[]).await?;
     let welcome = match read_frame(&mut recv, &Limits::CONTROL).await?.map(|f| f.message) {
@@ -213,7 +214,7 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
     );
     let datasets = load_datasets(&config, opts.data_dir.as_deref())?;
     let numel = layout.numel();
-    let ctx = Arc::new(ComputeContext { config, spec, layout, datasets, device: opts.device, batch: opts.batch });
+    let ctx = Arc::new(ComputeContext { config, spec, layout, datasets, devices: opts.devices.clone(), batch: opts.batch });
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Vec<Job>>();
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
     let _threads = spawn_pool(ctx, opts.capacity, opts.threads, job_rx, out_tx);

@@ -29,7 +29,8 @@ pub struct ComputeContext {
     pub spec: ModelSpec,
     pub layout: ParamLayout,
     pub datasets: Datasets,
-    pub device: Device,
+    /// Devices the compute threads use, thread i on `devices[i % len]` (one or more GPUs, or the CPU).
+    pub devices: Vec<Device>,
     /// Most training tasks computed as one batch.
     pub batch: usize,
 }
@@ -67,7 +68,8 @@ pub fn spawn_pool(
                         tch::set_num_threads(intra_op_threads as i32);
                     }
                     let Some(taken) = take_jobs(&jobs, ctx.batch) else { return };
-                    for outcome in run_jobs(&ctx, taken) {
+                    let device = ctx.devices[i % ctx.devices.len().max(1)];
+                    for outcome in run_jobs(&ctx, device, taken) {
                         if out.send(outcome).is_err() {
                             return;
                         }
@@ -94,12 +96,12 @@ fn take_jobs(jobs: &Mutex<Receiver<Vec<Job>>>, batch: usize) -> Option<Vec<Job>>
 
 /// Computes `jobs`: evaluation tasks one by one, training tasks in batches of at most `ctx.batch` tasks
 /// that share a parameter version.
-fn run_jobs(ctx: &ComputeContext, jobs: Vec<Job>) -> Vec<Outcome> {
+fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcome> {
     let (train, eval): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.assignment.mode == Mode::Train);
     let mut outcomes: Vec<Outcome> = eval
         .into_iter()
         .map(|job| {
-            let result = run_task(ctx, &job);
+            let result = run_task(ctx, device, &job);
             Outcome { assignment: job.assignment, result }
         })
         .collect();
@@ -114,7 +116,7 @@ fn run_jobs(ctx: &ComputeContext, jobs: Vec<Job>) -> Vec<Outcome> {
         let mut group = group.into_iter().peekable();
         while group.peek().is_some() {
             let chunk: Vec<Job> = group.by_ref().take(ctx.batch.max(1)).collect();
-            outcomes.extend(run_batch(ctx, chunk));
+            outcomes.extend(run_batch(ctx, device, chunk));
         }
     }
     outcomes
@@ -122,14 +124,14 @@ fn run_jobs(ctx: &ComputeContext, jobs: Vec<Job>) -> Vec<Outcome> {
 
 /// Computes training tasks that share a parameter version as one batch. A task whose data cannot be
 /// made fails alone; the others are computed.
-fn run_batch(ctx: &ComputeContext, jobs: Vec<Job>) -> Vec<Outcome> {
+fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcome> {
     let started = Instant::now();
     let mut outcomes = Vec::new();
     let mut ready: Vec<(Job, f64, TaskTensors)> = Vec::new();
     for job in jobs {
         match generate(&ctx.config, &job.assignment.spec, &ctx.datasets) {
             Ok(data) => {
-                let tensors = task_tensors(&data, Kind::Float).to_device(ctx.device);
+                let tensors = task_tensors(&data, Kind::Float).to_device(device);
                 ready.push((job, data.difficulty, tensors));
             }
             Err(e) => outcomes.push(Outcome { assignment: job.assignment, result: Err(e.to_string()) }),
@@ -138,7 +140,7 @@ fn run_batch(ctx: &ComputeContext, jobs: Vec<Job>) -> Vec<Outcome> {
     let Some((first, _, _)) = ready.first() else { return outcomes };
     let params: Vec<_> = params_from_flat(&ctx.layout, &first.params, Kind::Float)
         .into_iter()
-        .map(|t| t.to_device(ctx.device))
+        .map(|t| t.to_device(device))
         .collect();
     let (jobs, rest): (Vec<(Job, f64)>, Vec<TaskTensors>) = ready.into_iter().map(|(j, d, t)| ((j, d), t)).unzip();
     let batch = match TaskBatch::stack(&rest) {
@@ -170,13 +172,13 @@ fn flatten(output: &TaskOutput) -> Result<Vec<f32>, String> {
 }
 
 /// Computes one evaluation task (adaptation without a meta-gradient).
-pub fn run_task(ctx: &ComputeContext, job: &Job) -> Result<(TaskResult, Vec<f32>), String> {
+pub fn run_task(ctx: &ComputeContext, device: Device, job: &Job) -> Result<(TaskResult, Vec<f32>), String> {
     let started = Instant::now();
     let a = &job.assignment;
     let data = generate(&ctx.config, &a.spec, &ctx.datasets).map_err(|e| e.to_string())?;
-    let task = task_tensors(&data, Kind::Float).to_device(ctx.device);
+    let task = task_tensors(&data, Kind::Float).to_device(device);
     let params: Vec<_> =
-        params_from_flat(&ctx.layout, &job.params, Kind::Float).into_iter().map(|t| t.to_device(ctx.device)).collect();
+        params_from_flat(&ctx.layout, &job.params, Kind::Float).into_iter().map(|t| t.to_device(device)).collect();
     let inner = InnerLoop {
         steps: ctx.config.eval.inner_steps,
         lr: ctx.config.eval_inner_lr(),

@@ -77,10 +77,11 @@ struct RunArgs {
     /// Name in the coordinator's logs (default: hostname-pid).
     #[arg(long)]
     name: Option<String>,
-    /// Compute threads. Each computes one evaluation task at a time, or up to --batch training tasks as one
-    /// batched computation.
-    #[arg(long, default_value_t = 1)]
-    capacity: usize,
+    /// Compute threads (default: one per device). Each computes one evaluation task at a time, or up to
+    /// --batch training tasks as one batched computation. Several threads per GPU keep it busy while one
+    /// thread prepares its next batch.
+    #[arg(long)]
+    capacity: Option<usize>,
     /// Most training tasks one compute thread computes as one batch (a task's result does not depend on
     /// its batch). Larger batches amortise libtorch's cost per operation; memory grows with the batch.
     #[arg(long, default_value_t = DEFAULT_BATCH)]
@@ -89,9 +90,10 @@ struct RunArgs {
     /// across workers; raise it for large models.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// `cpu` or `cuda:N`.
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
-    device: Device,
+    /// `cpu`, `cuda:N`, or a comma-separated list of devices (`cuda:0,cuda:1`): compute threads are spread
+    /// over them round robin, so one process can drive several GPUs.
+    #[arg(long, default_value = "cpu", value_parser = parse_device, value_delimiter = ',')]
+    device: Vec<Device>,
     /// Directory holding `omniglot/` (default: $METATRAIN_DATA_DIR, then ../shared/data near the checkout).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -108,7 +110,7 @@ struct RunArgs {
     stay: bool,
 }
 
-fn parse_device(s: &str) -> Result<Device, String> {
+pub(crate) fn parse_device(s: &str) -> Result<Device, String> {
     if s == "cpu" {
         return Ok(Device::Cpu);
     }
@@ -159,30 +161,41 @@ fn run_cli() -> Result<()> {
     }
 }
 
+/// Refuses a CUDA device that libtorch does not see (a CPU-only build, or a wrong index).
+pub(crate) fn check_devices(devices: &[Device]) -> Result<()> {
+    for d in devices {
+        if let Device::Cuda(n) = d {
+            let have = tch::Cuda::device_count() as usize;
+            if *n >= have {
+                bail!("--device cuda:{n} requested but libtorch sees {have} CUDA device(s) (CPU-only build? see README: METATRAIN_CUDA=1)");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(args: RunArgs) -> Result<()> {
     metatrain_common::net::install_crypto_provider();
-    if args.capacity == 0 || args.capacity > 256 {
-        bail!("--capacity must be in 1..=256, got {}", args.capacity);
+    if args.device.is_empty() || args.device.len() > 64 {
+        bail!("--device must name 1 to 64 devices, got {}", args.device.len());
+    }
+    let capacity = args.capacity.unwrap_or(args.device.len());
+    if capacity == 0 || capacity > 256 {
+        bail!("--capacity must be in 1..=256, got {capacity}");
     }
     if args.batch == 0 || args.batch > MAX_BATCH {
         bail!("--batch must be in 1..={MAX_BATCH}, got {}", args.batch);
     }
-    if args.capacity * args.batch > MAX_TASKS_AT_ONCE {
+    if capacity * args.batch > MAX_TASKS_AT_ONCE {
         bail!(
-            "--capacity × --batch must be at most {MAX_TASKS_AT_ONCE} (the coordinator's limit), got {} × {}",
-            args.capacity,
+            "--capacity × --batch must be at most {MAX_TASKS_AT_ONCE} (the coordinator's limit), got {capacity} × {}",
             args.batch
         );
     }
     if args.threads == 0 || args.threads > 1024 {
         bail!("--threads must be in 1..=1024, got {}", args.threads);
     }
-    if let Device::Cuda(n) = args.device {
-        let have = tch::Cuda::device_count() as usize;
-        if n >= have {
-            bail!("--device cuda:{n} requested but libtorch sees {have} CUDA device(s) (CPU-only build? see README: METATRAIN_CUDA=1)");
-        }
-    }
+    check_devices(&args.device)?;
     if args.connect_timeout > MAX_CONNECT_TIMEOUT_SECS {
         bail!(
             "--connect-timeout must be at most {MAX_CONNECT_TIMEOUT_SECS} seconds (a week), got {}",
@@ -219,10 +232,10 @@ fn run(args: RunArgs) -> Result<()> {
             trust,
             identity,
             name,
-            capacity: args.capacity,
+            capacity,
             batch: args.batch,
             threads: args.threads,
-            device: args.device,
+            devices: args.device,
             data_dir: args.data_dir,
             connect_timeout: Duration::from_secs(args.connect_timeout),
             stay: args.stay,
