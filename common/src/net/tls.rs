@@ -125,6 +125,13 @@ fn transport(uni_streams: u32) -> Arc<TransportConfig> {
 /// A QUIC endpoint on `addr`. With `require_client_certs`, only clients with a certificate signed by
 /// `tls.ca` complete the handshake.
 pub fn server_endpoint(addr: SocketAddr, tls: &CoordinatorTls, require_client_certs: bool) -> Result<Endpoint, String> {
+    let cfg = server_config(tls, require_client_certs)?;
+    Endpoint::server(cfg, addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+/// The coordinator's QUIC server configuration (TLS, ALPN, flow-control windows, stream limits), for an
+/// endpoint built on a socket of the caller's choosing (`metatrain bench` counts the bytes of its own).
+pub fn server_config(tls: &CoordinatorTls, require_client_certs: bool) -> Result<quinn::ServerConfig, String> {
     let builder = rustls::ServerConfig::builder();
     let builder = if require_client_certs {
         let mut roots = RootCertStore::empty();
@@ -141,7 +148,7 @@ pub fn server_endpoint(addr: SocketAddr, tls: &CoordinatorTls, require_client_ce
     let crypto = QuicServerConfig::try_from(server).map_err(|e| e.to_string())?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(0));
-    Endpoint::server(cfg, addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+    Ok(cfg)
 }
 
 /// How a worker decides to trust the coordinator.
