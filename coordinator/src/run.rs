@@ -153,6 +153,7 @@ fn export_loss_by_difficulty(gauge: &'static str, s: &BatchSummary) {
 }
 
 impl Trainer {
+    /// A trainer for the model `config` names, with its initial parameters from (model, seed).
     pub fn new(
         config: Config,
         events: mpsc::Receiver<Event>,
@@ -162,6 +163,21 @@ impl Trainer {
         let spec = ModelSpec::from_config(&config);
         let layout = spec.layout();
         let params = spec.init_params(config.seed);
+        Self::with_model(config, layout, params, events, local, quarantine)
+    }
+
+    /// A trainer over parameters of a given layout instead of the model `config` names (`metatrain
+    /// bench` uses synthetic layouts of sizes no model kind has). `params` must have `layout.numel()`
+    /// values. Checkpoints of such a run do not resume under `config` alone (their layout differs).
+    pub fn with_model(
+        config: Config,
+        layout: ParamLayout,
+        params: Vec<f32>,
+        events: mpsc::Receiver<Event>,
+        local: Option<LocalWorkers>,
+        quarantine: Arc<Quarantine>,
+    ) -> Self {
+        debug_assert_eq!(params.len(), layout.numel());
         let adam = Adam::new(&config.train, layout.numel());
         let curriculum = Curriculum::new(&config.curriculum);
         let scheduler = Scheduler::new(Duration::from_secs_f64(config.cluster.task_timeout_secs));

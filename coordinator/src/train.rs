@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use metatrain_common::config::Config;
-use metatrain_common::layout::params_sha256;
+use metatrain_common::layout::{params_sha256, ParamLayout};
 use metatrain_common::net::files::{read_text, MAX_TEXT_FILE};
 use metatrain_common::net::{install_prometheus_labelled, load_or_init_coordinator, serve_metrics, server_endpoint};
 use metatrain_common::task::Competence;
@@ -249,6 +249,29 @@ pub(crate) fn report_is_final(dir: &Path) -> bool {
         .is_some_and(|interrupted| !interrupted)
 }
 
+/// Serves workers on `endpoint` (a task on the current runtime) for a run of `config` whose parameters
+/// are laid out as `layout`. Returns the events for the training loop and the quarantine it shares with
+/// the server.
+pub(crate) fn start_server(
+    endpoint: &quinn::Endpoint,
+    config: &Config,
+    layout: &ParamLayout,
+) -> (mpsc::Receiver<server::Event>, Arc<Quarantine>) {
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let quarantine = Arc::new(Quarantine::default());
+    let ctx = Arc::new(ServerContext {
+        events: events_tx,
+        config_toml: config.to_toml(),
+        layout_fingerprint: layout.fingerprint(),
+        numel: layout.numel(),
+        next_worker: AtomicU64::new(1),
+        quarantine: quarantine.clone(),
+        names: Arc::default(),
+    });
+    tokio::spawn(server::serve(endpoint.clone(), ctx));
+    (events_rx, quarantine)
+}
+
 /// Most local worker processes `--local-workers` may start (each is a libtorch process).
 const MAX_LOCAL_WORKERS: usize = 256;
 
@@ -288,19 +311,8 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
     }
     let endpoint = server_endpoint(args.listen, &tls, mutual).map_err(anyhow::Error::msg)?;
     let bound = endpoint.local_addr()?;
-    let spec = metatrain_common::layout::ModelSpec::from_config(&config);
-    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-    let quarantine = Arc::new(Quarantine::default());
-    let ctx = Arc::new(ServerContext {
-        events: events_tx,
-        config_toml: config.to_toml(),
-        layout_fingerprint: spec.layout().fingerprint(),
-        numel: spec.layout().numel(),
-        next_worker: AtomicU64::new(1),
-        quarantine: quarantine.clone(),
-        names: Arc::default(),
-    });
-    tokio::spawn(server::serve(endpoint.clone(), ctx));
+    let layout = metatrain_common::layout::ModelSpec::from_config(&config).layout();
+    let (events_rx, quarantine) = start_server(&endpoint, &config, &layout);
     eprintln!("coordinator listening on {bound} (QUIC), certificate fingerprint {fingerprint}");
     let host = if bound.ip().is_unspecified() { format!("<this-host>:{}", bound.port()) } else { bound.to_string() };
     if mutual {
@@ -332,7 +344,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
             stay: false,
         };
         eprintln!(
-            "starting {} local worker(s) ({capacity} task(s) at once, {threads} thread(s) per task)",
+            "starting {} local worker(s) ({capacity} compute thread(s) each, batching training tasks; {threads} libtorch thread(s) per compute thread)",
             args.local_workers
         );
         Some(LocalWorkers::spawn(&spec)?)
