@@ -14,11 +14,13 @@
 //! - [`sweep`]: `metatrain sweep`, queued runs over a grid or list on one shared worker pool.
 //! - [`status`]: `metatrain status ADDR`, a running coordinator's state from its /metrics.
 //! - [`plot`]: loss curves (PNG, SVG) from a run's metrics.csv.
+//! - [`bench`]: `metatrain bench coordinator`, the real server and training loop against simulated workers.
 //! - [`train`]: `metatrain train` (set-up, loop, output); [`report`], [`progress`], [`local`], [`metrics`].
 //!
 //! Flow: `sampler` → `scheduler` → `server` (Params/Assign out, Result in) → `aggregate` → `optim`.
 
 pub mod aggregate;
+pub mod bench;
 pub mod certs;
 pub mod chaos;
 pub mod checkpoint;

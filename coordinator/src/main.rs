@@ -1,6 +1,7 @@
 //! `metatrain`: the user's entry point. Parses the command line and calls the sub-command's `run`.
 
 use clap::{Parser, Subcommand};
+use metatrain_coordinator::bench::{self, BenchCommand};
 use metatrain_coordinator::certs::{self, CertsCommand};
 use metatrain_coordinator::chaos;
 use metatrain_coordinator::status::{self, StatusArgs};
@@ -35,6 +36,9 @@ enum Command {
     Sweep(SweepArgs),
     /// Show what a running coordinator is doing: step, losses, workers, tasks (from its /metrics).
     Status(StatusArgs),
+    /// Benchmarks: `metatrain bench coordinator` measures the coordinator against simulated workers.
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 /// Errors are printed as one line of causes (`error: outer: inner`), never with a backtrace, and exit 1.
@@ -49,13 +53,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // A benchmark logs only what goes wrong: a line per joining simulated worker would bury its table.
+    let default_log = if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_log.into()))
         .with_writer(|| metatrain_coordinator::progress::LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     metatrain_common::net::install_crypto_provider();
-    let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Train(args) => {
@@ -65,6 +71,8 @@ fn run() -> anyhow::Result<()> {
         Command::Chaos(args) => chaos::run(args)?,
         Command::Status(args) => status::run(args)?,
         Command::Sweep(args) => rt.block_on(sweep::run(args))?,
+        // The benchmark makes runtimes of its own (one for the coordinator, one for simulated workers).
+        Command::Bench(cmd) => bench::run(cmd)?,
     }
     Ok(())
 }
