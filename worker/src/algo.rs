@@ -1,4 +1,6 @@
-//! The inner loop and the meta-gradient: MAML (second order) and FOMAML.
+//! The inner loop and the meta-gradient, one task at a time: MAML (second order) and FOMAML. This is the
+//! plain reference implementation (checked against finite differences); the worker runs the batched
+//! equivalent in [`crate::batched`], tested equal to it.
 //!
 //! Inner loop: `inner_steps` SGD steps on the support loss at `inner_lr`, each inner gradient clamped
 //! elementwise to `[-c, c]`. For MAML the inner gradients are computed with `create_graph`, so the final
@@ -113,7 +115,9 @@ pub fn meta_gradient(
     TaskOutput { meta_gradient: Some(meta_gradient), pre_loss, post_loss, pre_accuracy, post_accuracy }
 }
 
-/// Meta-testing: losses and accuracy before and after first-order adaptation; no meta-gradient.
+/// Meta-testing: losses and accuracy before and after first-order adaptation; no meta-gradient. The
+/// per-task reference that the worker's batched evaluation ([`crate::batched::evaluate`]) is tested against.
+#[cfg(test)]
 pub fn evaluate_task(spec: &ModelSpec, params: &[Tensor], task: &TaskTensors, inner: &InnerLoop) -> TaskOutput {
     let theta = leaves(params);
     let (pre_loss, pre_accuracy) = evaluate(spec, &theta, task);

@@ -242,6 +242,18 @@ fn values(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(t.detach().to_kind(Kind::Double)).unwrap_or_default()
 }
 
+/// `tasks` leaf copies of every parameter, stacked: `[...]` → `[tasks, ...]`, requiring grad.
+fn stacked_leaves(params: &[Tensor], tasks: i64) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(|p| {
+            let mut repeats = vec![tasks];
+            repeats.extend(std::iter::repeat(1).take(p.dim()));
+            p.detach().unsqueeze(0).repeat(repeats.as_slice()).set_requires_grad(true)
+        })
+        .collect()
+}
+
 fn clamp(g: Tensor, c: f64) -> Tensor {
     if c.is_finite() {
         g.clamp(-c, c)
@@ -263,14 +275,7 @@ pub fn meta_gradients(
     let padded = batch.padded();
     let batch = padded.as_ref().unwrap_or(batch);
     let tasks = batch.len() as i64;
-    let theta: Vec<Tensor> = params
-        .iter()
-        .map(|p| {
-            let mut repeats = vec![tasks];
-            repeats.extend(std::iter::repeat(1).take(p.dim()));
-            p.detach().unsqueeze(0).repeat(repeats.as_slice()).set_requires_grad(true)
-        })
-        .collect();
+    let theta = stacked_leaves(params, tasks);
     let (pre_losses, pre_accuracies) = tch::no_grad(|| {
         let out = forward(spec, &theta, &batch.query_x);
         (values(&losses(&out, &batch.query_y)), accuracies(&out, &batch.query_y))
@@ -294,6 +299,42 @@ pub fn meta_gradients(
         .enumerate()
         .map(|(t, meta_gradient)| TaskOutput {
             meta_gradient: Some(meta_gradient),
+            pre_loss: pre_losses[t],
+            post_loss: post_losses[t],
+            pre_accuracy: pre_accuracies.as_ref().map(|a| a[t]),
+            post_accuracy: post_accuracies.as_ref().map(|a| a[t]),
+        })
+        .collect()
+}
+
+/// Meta-testing for all tasks in `batch`: losses (and accuracy) before and after first-order adaptation,
+/// no meta-gradient; one [`TaskOutput`] per task, as [`crate::algo::evaluate_task`] gives them.
+pub fn evaluate(spec: &ModelSpec, params: &[Tensor], batch: &TaskBatch, inner: &InnerLoop) -> Vec<TaskOutput> {
+    let wanted = batch.len();
+    let padded = batch.padded();
+    let batch = padded.as_ref().unwrap_or(batch);
+    let tasks = batch.len() as i64;
+    let mut fast = stacked_leaves(params, tasks);
+    let measure = |p: &[Tensor]| {
+        tch::no_grad(|| {
+            let out = forward(spec, p, &batch.query_x);
+            (values(&losses(&out, &batch.query_y)), accuracies(&out, &batch.query_y))
+        })
+    };
+    let (pre_losses, pre_accuracies) = measure(&fast);
+    for _ in 0..inner.steps {
+        let support_loss = losses(&forward(spec, &fast, &batch.support_x), &batch.support_y).sum(fast[0].kind());
+        let grads = Tensor::run_backward(&[&support_loss], &fast, false, false);
+        fast = fast
+            .iter()
+            .zip(grads)
+            .map(|(p, g)| (p - clamp(g, inner.clamp) * inner.lr).detach().set_requires_grad(true))
+            .collect();
+    }
+    let (post_losses, post_accuracies) = measure(&fast);
+    (0..wanted)
+        .map(|t| TaskOutput {
+            meta_gradient: None,
             pre_loss: pre_losses[t],
             post_loss: post_losses[t],
             pre_accuracy: pre_accuracies.as_ref().map(|a| a[t]),

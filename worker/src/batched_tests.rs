@@ -6,8 +6,8 @@ use metatrain_common::config::{AlgoKind, ModelKind};
 use metatrain_common::layout::ModelSpec;
 use tch::{Kind, Tensor};
 
-use crate::algo::{meta_gradient, InnerLoop, TaskTensors};
-use crate::batched::{meta_gradients, BatchError, TaskBatch};
+use crate::algo::{evaluate_task, meta_gradient, InnerLoop, TaskTensors};
+use crate::batched::{evaluate, meta_gradients, BatchError, TaskBatch};
 use crate::gradcheck_tests::{image_task, params, regression_task, seeded};
 use crate::model::TargetTensor;
 
@@ -159,3 +159,41 @@ fn stacking_refuses_mismatched_tasks() {
 
 
 
+
+/// Batched evaluation equals the per-task one (f64), for regression and classification, and a task's
+/// f32 figures are bitwise the same alone and in a batch.
+#[test]
+fn batched_evaluation_equals_per_task_evaluation() {
+    let cases: Vec<(ModelSpec, InnerLoop, Box<dyn Fn() -> TaskTensors>)> = vec![
+        (
+            ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 },
+            InnerLoop { steps: 5, lr: 0.1, clamp: 10.0 },
+            Box::new(|| regression_task(2, 12, 9)),
+        ),
+        (
+            ModelSpec { kind: ModelKind::Conv4, in_features: 784, outputs: 3 },
+            InnerLoop { steps: 3, lr: 0.4, clamp: 10.0 },
+            Box::new(|| image_task(3, 1, 2)),
+        ),
+    ];
+    tch::set_num_threads(1);
+    for (i, (spec, inner, make)) in cases.into_iter().enumerate() {
+        seeded(400 + i as i64);
+        let theta = params(&spec, 7);
+        let tasks: Vec<TaskTensors> = (0..4).map(|_| make()).collect();
+        let batched = evaluate(&spec, &theta, &TaskBatch::stack(&tasks).expect("stack"), &inner);
+        for (t, b) in tasks.iter().zip(&batched) {
+            let one = evaluate_task(&spec, &theta, t, &inner);
+            assert!(b.meta_gradient.is_none());
+            for (x, y) in [(b.pre_loss, one.pre_loss), (b.post_loss, one.post_loss)] {
+                assert!((x - y).abs() <= 1e-10 * y.abs().max(1.0), "{:?}: loss {x} batched, {y} per task", spec.kind);
+            }
+            assert_eq!(b.post_accuracy, one.post_accuracy);
+        }
+        let theta32: Vec<Tensor> = theta.iter().map(|p| p.to_kind(Kind::Float)).collect();
+        let tasks32: Vec<TaskTensors> = tasks.iter().map(to_f32).collect();
+        let all = evaluate(&spec, &theta32, &TaskBatch::stack(&tasks32).expect("stack"), &inner);
+        let alone = evaluate(&spec, &theta32, &TaskBatch::stack(&tasks32[2..3]).expect("stack"), &inner);
+        assert_eq!((all[2].pre_loss, all[2].post_loss), (alone[0].pre_loss, alone[0].post_loss), "{:?}", spec.kind);
+    }
+}

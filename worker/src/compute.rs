@@ -3,10 +3,10 @@
 //! job. Each thread builds the tasks' data from their specs, runs the inner loop and the meta-gradient,
 //! and flattens the results for the wire.
 //!
-//! Training tasks are computed as batches ([`crate::batched`]): a thread takes everything queued, up to
-//! `batch` tasks, and computes the tasks that share a parameter version as one batched computation. A
-//! task's result does not depend on the batch it lands in (tested), so a run stays reproducible whatever
-//! the number of workers and their batch sizes. Evaluation tasks run one at a time ([`crate::algo`]).
+//! Tasks are computed as batches ([`crate::batched`]): a thread takes everything queued, up to `batch`
+//! tasks, and computes the tasks that share a mode and a parameter version as one batched computation.
+//! A task's result does not depend on the batch it lands in (tested), so a run stays reproducible
+//! whatever the number of workers and their batch sizes.
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -19,8 +19,8 @@ use metatrain_common::task::{generate, Datasets};
 use metatrain_common::tensor::Dtype;
 use tch::{Device, Kind};
 
-use crate::algo::{evaluate_task, InnerLoop, TaskOutput, TaskTensors};
-use crate::batched::{meta_gradients, TaskBatch};
+use crate::algo::{InnerLoop, TaskOutput, TaskTensors};
+use crate::batched::{evaluate, meta_gradients, TaskBatch};
 use crate::tensors::{flat_from_tensors, params_from_flat, task_tensors};
 
 /// Everything a compute thread needs besides the job itself; fixed for a session.
@@ -94,25 +94,18 @@ fn take_jobs(jobs: &Mutex<Receiver<Vec<Job>>>, batch: usize) -> Option<Vec<Job>>
     Some(taken)
 }
 
-/// Computes `jobs`: evaluation tasks one by one, training tasks in batches of at most `ctx.batch` tasks
-/// that share a parameter version.
+/// Computes `jobs` in batches of at most `ctx.batch` tasks that share a mode and a parameter version.
 fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcome> {
-    let (train, eval): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.assignment.mode == Mode::Train);
-    let mut outcomes: Vec<Outcome> = eval
-        .into_iter()
-        .map(|job| {
-            let result = run_task(ctx, device, &job);
-            Outcome { assignment: job.assignment, result }
-        })
-        .collect();
-    let mut by_version: Vec<Vec<Job>> = Vec::new();
-    for job in train {
-        match by_version.iter_mut().find(|g| g[0].assignment.version == job.assignment.version) {
+    let mut groups: Vec<Vec<Job>> = Vec::new();
+    for job in jobs {
+        let key = (job.assignment.mode, job.assignment.version);
+        match groups.iter_mut().find(|g| (g[0].assignment.mode, g[0].assignment.version) == key) {
             Some(group) => group.push(job),
-            None => by_version.push(vec![job]),
+            None => groups.push(vec![job]),
         }
     }
-    for group in by_version {
+    let mut outcomes = Vec::new();
+    for group in groups {
         let mut group = group.into_iter().peekable();
         while group.peek().is_some() {
             let chunk: Vec<Job> = group.by_ref().take(ctx.batch.max(1)).collect();
@@ -122,8 +115,9 @@ fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcome
     outcomes
 }
 
-/// Computes training tasks that share a parameter version as one batch. A task whose data cannot be
-/// made fails alone; the others are computed.
+/// Computes tasks that share a mode and a parameter version as one batch: meta-gradients for training,
+/// first-order adaptation for evaluation. A task whose data cannot be made fails alone; the others are
+/// computed.
 fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcome> {
     let started = Instant::now();
     let mut outcomes = Vec::new();
@@ -152,13 +146,25 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
         }
     };
     let algo = &ctx.config.algo;
-    let inner = InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp };
-    let outputs = meta_gradients(&ctx.spec, algo.name, &params, &batch, &inner);
+    let outputs = match jobs[0].0.assignment.mode {
+        Mode::Train => {
+            let inner = InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp };
+            meta_gradients(&ctx.spec, algo.name, &params, &batch, &inner)
+        }
+        Mode::Eval => {
+            let inner = InnerLoop {
+                steps: ctx.config.eval.inner_steps,
+                lr: ctx.config.eval_inner_lr(),
+                clamp: algo.inner_grad_clamp,
+            };
+            evaluate(&ctx.spec, &params, &batch, &inner)
+        }
+    };
     // The batch's time, shared equally by its tasks.
     let seconds = started.elapsed().as_secs_f32() / jobs.len() as f32;
+    let wire = ctx.config.cluster.grad_dtype;
     for ((job, difficulty), output) in jobs.into_iter().zip(outputs) {
-        let result = flatten(&output)
-            .map(|grad| (task_result(&job.assignment, &output, difficulty, seconds, &grad, ctx.config.cluster.grad_dtype), grad));
+        let result = flatten(&output).map(|grad| (task_result(&job.assignment, &output, difficulty, seconds, &grad, wire), grad));
         outcomes.push(Outcome { assignment: job.assignment, result });
     }
     outcomes
@@ -169,24 +175,6 @@ fn flatten(output: &TaskOutput) -> Result<Vec<f32>, String> {
         Some(g) => flat_from_tensors(g).map_err(|e| e.to_string()),
         None => Ok(Vec::new()),
     }
-}
-
-/// Computes one evaluation task (adaptation without a meta-gradient).
-pub fn run_task(ctx: &ComputeContext, device: Device, job: &Job) -> Result<(TaskResult, Vec<f32>), String> {
-    let started = Instant::now();
-    let a = &job.assignment;
-    let data = generate(&ctx.config, &a.spec, &ctx.datasets).map_err(|e| e.to_string())?;
-    let task = task_tensors(&data, Kind::Float).to_device(device);
-    let params: Vec<_> =
-        params_from_flat(&ctx.layout, &job.params, Kind::Float).into_iter().map(|t| t.to_device(device)).collect();
-    let inner = InnerLoop {
-        steps: ctx.config.eval.inner_steps,
-        lr: ctx.config.eval_inner_lr(),
-        clamp: ctx.config.algo.inner_grad_clamp,
-    };
-    let output = evaluate_task(&ctx.spec, &params, &task, &inner);
-    let grad = flatten(&output)?;
-    Ok((task_result(a, &output, data.difficulty, started.elapsed().as_secs_f32(), &grad, Dtype::F32), grad))
 }
 
 /// The result header; the gradient travels as `wire` (see `cluster.grad_dtype`).

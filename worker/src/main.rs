@@ -77,13 +77,12 @@ struct RunArgs {
     /// Name in the coordinator's logs (default: hostname-pid).
     #[arg(long)]
     name: Option<String>,
-    /// Compute threads (default: one per device). Each computes one evaluation task at a time, or up to
-    /// --batch training tasks as one batched computation. Several threads per GPU keep it busy while one
-    /// thread prepares its next batch.
+    /// Compute threads (default: one per device). Each computes up to --batch tasks as one batched
+    /// computation. Several threads per GPU keep it busy while one thread prepares its next batch.
     #[arg(long)]
     capacity: Option<usize>,
-    /// Most training tasks one compute thread computes as one batch (a task's result does not depend on
-    /// its batch). Larger batches amortise libtorch's cost per operation; memory grows with the batch.
+    /// Most tasks one compute thread computes as one batch (a task's result does not depend on its
+    /// batch). Larger batches amortise libtorch's cost per operation; memory grows with the batch.
     #[arg(long, default_value_t = DEFAULT_BATCH)]
     batch: usize,
     /// libtorch intra-op threads per compute thread. Default: 1, which keeps results bitwise identical
