@@ -6,6 +6,9 @@
 //! is what `bench/pytorch_reference.py` times too. The cost of materialising a task from its spec is
 //! measured separately and printed, so it can be compared with the compute.
 //!
+//! For each algorithm it also measures what `cluster.grad_dtype = "bf16"` / `"f16"` costs: the relative
+//! L2 error of the batch's mean meta-gradient after rounding each task's gradient to the half type.
+//!
 //! Each measurement warms up, then repeats whole rounds (one pass over `--batch` tasks) until
 //! `--seconds` have passed, and reports tasks/s over all rounds. The machine is shared and noisy: use
 //! ratios from one run, not absolute numbers across runs.
@@ -23,7 +26,8 @@ use tch::Kind;
 use crate::algo::{meta_gradient, InnerLoop, TaskTensors};
 use crate::batched::{meta_gradients, TaskBatch};
 use crate::data::load_datasets;
-use crate::tensors::{params_from_flat, task_tensors};
+use crate::tensors::{flat_from_tensors, params_from_flat, task_tensors};
+use metatrain_common::tensor::{decode_f32, encode, max_relative_rounding, Dtype};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -150,19 +154,52 @@ pub fn run(args: BenchArgs) -> Result<()> {
         });
         let ratio = batched.tasks_per_s / looped.tasks_per_s;
         let algo_name = algo.name();
+        let grads: Vec<Vec<f32>> = meta_gradients(&spec, algo, &params, &batch, &inner)
+            .iter()
+            .map(|o| o.meta_gradient.as_deref().map(flat_from_tensors).transpose())
+            .collect::<Result<Option<Vec<_>>, _>>()?
+            .unwrap_or_default();
+        let (bf16, f16) = (wire_error(&grads, Dtype::Bf16), wire_error(&grads, Dtype::F16));
         if args.json {
             println!(
-                "{{\"model\":\"{model}\",\"distribution\":\"{distribution}\",\"algo\":\"{algo_name}\",\"threads\":{},\
-\"tasks\":{},\"loop_tasks_per_s\":{:.3},\"batched_tasks_per_s\":{:.3},\"batched_over_loop\":{ratio:.3},\
-\"loop_rounds\":{},\"batched_rounds\":{},\"generate_tasks_per_s\":{generate_per_s:.3}}}",
-                args.threads, args.batch, looped.tasks_per_s, batched.tasks_per_s, looped.rounds, batched.rounds
+                "{{\"model\":\"{model}\",\"distribution\":\"{distribution}\",\"algo\":\"{algo_name}\",\"device\":\"{device:?}\",\
+\"threads\":{},\"tasks\":{},\"loop_tasks_per_s\":{:.3},\"batched_tasks_per_s\":{:.3},\"batched_over_loop\":{ratio:.3},\
+\"loop_rounds\":{},\"batched_rounds\":{},\"generate_tasks_per_s\":{generate_per_s:.3},\
+\"bf16_mean_grad_rel_l2\":{:.3e},\"bf16_max_rel\":{:.3e},\"f16_mean_grad_rel_l2\":{:.3e},\"f16_max_rel\":{:.3e}}}",
+                args.threads, args.batch, looped.tasks_per_s, batched.tasks_per_s, looped.rounds, batched.rounds,
+                bf16.mean_rel_l2, bf16.max_rel, f16.mean_rel_l2, f16.max_rel
             );
         } else {
             println!(
-                "{algo_name:<8} {:>16.1} {:>16.1} {:>7.2}×",
-                looped.tasks_per_s, batched.tasks_per_s, ratio
+                "{algo_name:<8} {:>16.1} {:>16.1} {:>7.2}×   wire rounding of the mean gradient (rel. L2): bf16 {:.1e}, f16 {:.1e}",
+                looped.tasks_per_s, batched.tasks_per_s, ratio, bf16.mean_rel_l2, f16.mean_rel_l2
             );
         }
     }
     Ok(())
+}
+
+struct WireError {
+    /// ‖mean of the decoded gradients − mean of the f32 gradients‖ / ‖mean of the f32 gradients‖.
+    mean_rel_l2: f64,
+    /// Largest per-element relative rounding over all gradients.
+    max_rel: f64,
+}
+
+/// What sending these meta-gradients as `dtype` costs in accuracy, measured on the real gradients.
+fn wire_error(grads: &[Vec<f32>], dtype: Dtype) -> WireError {
+    let n = grads.first().map_or(0, Vec::len);
+    let (mut exact, mut rounded) = (vec![0f64; n], vec![0f64; n]);
+    let mut max_rel: f64 = 0.0;
+    for g in grads {
+        let back = decode_f32(&encode(g, dtype), dtype, n).unwrap_or_else(|_| vec![f32::NAN; n]);
+        for i in 0..n {
+            exact[i] += g[i] as f64;
+            rounded[i] += back[i] as f64;
+        }
+        max_rel = max_rel.max(max_relative_rounding(g, dtype));
+    }
+    let diff: f64 = exact.iter().zip(&rounded).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = exact.iter().map(|a| a * a).sum::<f64>().sqrt();
+    WireError { mean_rel_l2: diff / norm.max(f64::MIN_POSITIVE), max_rel }
 }
