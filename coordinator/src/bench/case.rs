@@ -157,6 +157,7 @@ pub fn run(case: Case, tls: &CoordinatorTls, opts: &Options) -> Result<Outcome, 
         numel,
         gradient,
         counters: SimCounters::default(),
+        join_gate: tokio::sync::Semaphore::new(sim::JOIN_CONCURRENCY),
         ports: Default::default(),
         error: Default::default(),
     });

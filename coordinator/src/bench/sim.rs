@@ -30,6 +30,13 @@ use super::socket::set_recv_buffer;
 /// the simulation's sake. Real workers drain their socket from a runtime of their own.
 pub const RECV_BUFFER: usize = 8 << 20;
 
+/// Simulated workers in their handshake at once. A thousand Initial packets at the same instant
+/// overflow the coordinator's socket buffer, and QUIC's handshake retransmission backs off for
+/// seconds; real workers start at different times. (Joining is not part of the measurement.)
+pub const JOIN_CONCURRENCY: usize = 64;
+/// Connection attempts before a simulated worker gives up (a real worker retries until its timeout).
+const CONNECT_ATTEMPTS: u32 = 3;
+
 /// Tasks one simulated worker says it computes at once (`Hello.capacity`); its in-flight limit is this
 /// times `cluster.tasks_in_flight`, which the benchmark sets to its tasks per worker.
 pub const CAPACITY: u32 = 1;
@@ -63,6 +70,8 @@ pub struct SimShared {
     /// The gradient every train-mode result carries, encoded once.
     pub gradient: Bytes,
     pub counters: SimCounters,
+    /// Admits [`JOIN_CONCURRENCY`] handshakes at once.
+    pub join_gate: tokio::sync::Semaphore,
     /// The local UDP port of each simulated worker (to read the kernel's drops at its socket).
     pub ports: Mutex<Vec<u16>>,
     /// The first error any simulated worker met.
@@ -166,9 +175,8 @@ async fn serve(shared: &Arc<SimShared>, index: usize) -> Result<(), SimError> {
     if let Ok(mut ports) = shared.ports.lock() {
         ports.push(port);
     }
-    let connecting =
-        endpoint.connect(shared.coordinator, server_name()).map_err(|e| SimError::Connect(e.to_string()))?;
-    let conn = connecting.await.map_err(|e| SimError::Connect(e.to_string()))?;
+    let gate = shared.join_gate.acquire().await.map_err(|e| SimError::Connect(e.to_string()))?;
+    let conn = connect(&endpoint, shared.coordinator).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(stream_err)?;
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -178,7 +186,10 @@ async fn serve(shared: &Arc<SimShared>, index: usize) -> Result<(), SimError> {
     };
     write_frame(&mut send, &Message::Hello(hello), &[]).await.map_err(stream_err)?;
     match read_drained(&mut recv, &Limits::CONTROL).await?.map(|(m, _)| m) {
-        Some(Message::Welcome(_)) => add(&shared.counters.welcomed, 1),
+        Some(Message::Welcome(_)) => {
+            add(&shared.counters.welcomed, 1);
+            drop(gate);
+        }
         Some(Message::Refused { reason }) => return Err(SimError::Refused(reason)),
         other => return Err(SimError::Protocol(format!("expected Welcome, got {other:?}"))),
     }
@@ -220,6 +231,20 @@ async fn serve(shared: &Arc<SimShared>, index: usize) -> Result<(), SimError> {
     conn.close(0u32.into(), b"simulated worker done");
     endpoint.wait_idle().await;
     outcome
+}
+
+async fn connect(endpoint: &quinn::Endpoint, coordinator: SocketAddr) -> Result<quinn::Connection, SimError> {
+    let mut attempt = 1;
+    loop {
+        let connecting = endpoint.connect(coordinator, server_name()).map_err(|e| SimError::Connect(e.to_string()))?;
+        match connecting.await {
+            Ok(conn) => return Ok(conn),
+            Err(e) if attempt >= CONNECT_ATTEMPTS => {
+                return Err(SimError::Connect(format!("{e} (after {attempt} attempts)")));
+            }
+            Err(_) => attempt += 1,
+        }
+    }
 }
 
 /// Answers one assignment: plausible losses and, in train mode, the shared gradient.
