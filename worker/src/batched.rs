@@ -67,9 +67,8 @@ impl TaskBatch {
                 .iter()
                 .enumerate()
                 .map(|(index, t)| match (get(first), get(t)) {
-                    (TargetTensor::Real(_), TargetTensor::Real(y)) | (TargetTensor::Class(_), TargetTensor::Class(y)) => {
-                        Ok(y)
-                    }
+                    (TargetTensor::Real(_), TargetTensor::Real(y))
+                    | (TargetTensor::Class(_), TargetTensor::Class(y)) => Ok(y),
                     _ => Err(BatchError::MixedTargets { index }),
                 })
                 .collect::<Result<_, _>>()?;
@@ -104,7 +103,9 @@ impl TaskBatch {
         if missing == 0 {
             return None;
         }
-        let pad = |t: &Tensor| Tensor::cat(&[t.shallow_clone(), t.narrow(0, 0, 1).repeat_interleave_self_int(missing as i64, 0, None)], 0);
+        let pad = |t: &Tensor| {
+            Tensor::cat(&[t.shallow_clone(), t.narrow(0, 0, 1).repeat_interleave_self_int(missing as i64, 0, None)], 0)
+        };
         let pad_y = |y: &TargetTensor| match y {
             TargetTensor::Real(t) => TargetTensor::Real(pad(t)),
             TargetTensor::Class(t) => TargetTensor::Class(pad(t)),
@@ -183,7 +184,14 @@ fn conv4(params: &[Tensor], x: &Tensor) -> Tensor {
             // 64 channels per task: grouped convolution is batch-invariant here (tested) and 1.5× faster
             // than patches × weights (measured on conv4 MAML, 16 tasks).
             let w = p[0].size(); // [T, out, in, 3, 3]
-            h.conv2d(&p[0].reshape([tasks * w[1], w[2], w[3], w[4]]), Some(&p[1].reshape([-1])), [2, 2], [1, 1], [1, 1], tasks)
+            h.conv2d(
+                &p[0].reshape([tasks * w[1], w[2], w[3], w[4]]),
+                Some(&p[1].reshape([-1])),
+                [2, 2],
+                [1, 1],
+                [1, 1],
+                tasks,
+            )
         };
         h = Tensor::batch_norm(
             &h,
@@ -210,10 +218,18 @@ fn conv_as_matmul(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
     let (tasks, out, cin) = (weight.size()[0], weight.size()[1], weight.size()[2]);
     let out_side = (side + 2 - 3) / 2 + 1;
     // [n, T·C·9, L] → [T, C·9, n·L]
-    let patches =
-        x.im2col([3, 3], [1, 1], [1, 1], [2, 2]).reshape([n, tasks, cin * 9, -1]).permute([1, 2, 0, 3]).reshape([tasks, cin * 9, -1]);
+    let patches = x
+        .im2col([3, 3], [1, 1], [1, 1], [2, 2])
+        .reshape([n, tasks, cin * 9, -1])
+        .permute([1, 2, 0, 3])
+        .reshape([tasks, cin * 9, -1]);
     let h = weight.reshape([tasks, out, cin * 9]).bmm(&patches) + bias.unsqueeze(2); // [T, out, n·L]
-    h.reshape([tasks, out, n, out_side, out_side]).permute([2, 0, 1, 3, 4]).reshape([n, tasks * out, out_side, out_side])
+    h.reshape([tasks, out, n, out_side, out_side]).permute([2, 0, 1, 3, 4]).reshape([
+        n,
+        tasks * out,
+        out_side,
+        out_side,
+    ])
 }
 
 /// Each task's mean loss, `[T]`: MSE for regression, cross-entropy for classification.
@@ -222,7 +238,11 @@ pub fn losses(outputs: &Tensor, targets: &TargetTensor) -> Tensor {
         TargetTensor::Real(y) => (outputs - y).square().mean_dim([1i64, 2].as_slice(), false, outputs.kind()),
         TargetTensor::Class(labels) => {
             let log_p = outputs.log_softmax(-1, outputs.kind());
-            -log_p.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1).mean_dim([1i64].as_slice(), false, outputs.kind())
+            -log_p.gather(2, &labels.unsqueeze(-1), false).squeeze_dim(-1).mean_dim(
+                [1i64].as_slice(),
+                false,
+                outputs.kind(),
+            )
         }
     }
 }

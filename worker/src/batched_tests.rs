@@ -43,7 +43,11 @@ fn compare(spec: &ModelSpec, algo: AlgoKind, inner: InnerLoop, make: impl Fn() -
         let (gb, g1) = (b.meta_gradient.as_ref().expect("gradient"), one.meta_gradient.as_ref().expect("gradient"));
         worst = worst.max(max_rel_diff(gb, g1));
         for (x, y) in [(b.pre_loss, one.pre_loss), (b.post_loss, one.post_loss)] {
-            assert!((x - y).abs() <= tol * y.abs().max(1.0), "{:?} {algo:?}: loss {x} batched, {y} per task", spec.kind);
+            assert!(
+                (x - y).abs() <= tol * y.abs().max(1.0),
+                "{:?} {algo:?}: loss {x} batched, {y} per task",
+                spec.kind
+            );
         }
         assert_eq!(b.pre_accuracy.is_some(), one.pre_accuracy.is_some());
         if let (Some(x), Some(y)) = (b.post_accuracy, one.post_accuracy) {
@@ -146,19 +150,12 @@ fn stacking_refuses_mismatched_tasks() {
     assert!(matches!(TaskBatch::stack(&[]), Err(BatchError::Empty)));
     let a = regression_task(2, 10, 5);
     let b = regression_task(2, 11, 5);
-    assert!(matches!(
-        TaskBatch::stack(&[a, b]),
-        Err(BatchError::Mismatch { index: 1, what: "support inputs", .. })
-    ));
+    assert!(matches!(TaskBatch::stack(&[a, b]), Err(BatchError::Mismatch { index: 1, what: "support inputs", .. })));
     let c = regression_task(2, 5, 5);
     let mut d = regression_task(2, 5, 5);
     d.support_y = TargetTensor::Class(Tensor::zeros([5], (Kind::Int64, tch::Device::Cpu)));
     assert!(matches!(TaskBatch::stack(&[c, d]), Err(BatchError::MixedTargets { index: 1 })));
 }
-
-
-
-
 
 /// Batched evaluation equals the per-task one (f64), for regression and classification, and a task's
 /// f32 figures are bitwise the same alone and in a batch.

@@ -214,7 +214,8 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
     );
     let datasets = load_datasets(&config, opts.data_dir.as_deref())?;
     let numel = layout.numel();
-    let ctx = Arc::new(ComputeContext { config, spec, layout, datasets, devices: opts.devices.clone(), batch: opts.batch });
+    let ctx =
+        Arc::new(ComputeContext { config, spec, layout, datasets, devices: opts.devices.clone(), batch: opts.batch });
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Vec<Job>>();
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
     let _threads = spawn_pool(ctx, opts.capacity, opts.threads, job_rx, out_tx);
@@ -296,9 +297,9 @@ async fn send_outcome(connection: &quinn::Connection, outcome: Outcome) -> Resul
                 .record(result.compute_seconds as f64);
             metrics::counter!("metatrain_worker_tasks_completed_total", "mode" => mode).increment(1);
             {
-            let payload = encode(&grad, result.grad_dtype);
-            (Message::Result(result), payload)
-        }
+                let payload = encode(&grad, result.grad_dtype);
+                (Message::Result(result), payload)
+            }
         }
         Err(reason) => {
             tracing::warn!("task {} failed: {reason}", a.id);

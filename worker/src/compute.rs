@@ -132,16 +132,16 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
         }
     }
     let Some((first, _, _)) = ready.first() else { return outcomes };
-    let params: Vec<_> = params_from_flat(&ctx.layout, &first.params, Kind::Float)
-        .into_iter()
-        .map(|t| t.to_device(device))
-        .collect();
+    let params: Vec<_> =
+        params_from_flat(&ctx.layout, &first.params, Kind::Float).into_iter().map(|t| t.to_device(device)).collect();
     let (jobs, rest): (Vec<(Job, f64)>, Vec<TaskTensors>) = ready.into_iter().map(|(j, d, t)| ((j, d), t)).unzip();
     let batch = match TaskBatch::stack(&rest) {
         Ok(batch) => batch,
         Err(e) => {
             let reason = format!("cannot batch this run's tasks: {e}");
-            outcomes.extend(jobs.into_iter().map(|(j, _)| Outcome { assignment: j.assignment, result: Err(reason.clone()) }));
+            outcomes.extend(
+                jobs.into_iter().map(|(j, _)| Outcome { assignment: j.assignment, result: Err(reason.clone()) }),
+            );
             return outcomes;
         }
     };
@@ -164,7 +164,8 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
     let seconds = started.elapsed().as_secs_f32() / jobs.len() as f32;
     let wire = ctx.config.cluster.grad_dtype;
     for ((job, difficulty), output) in jobs.into_iter().zip(outputs) {
-        let result = flatten(&output).map(|grad| (task_result(&job.assignment, &output, difficulty, seconds, &grad, wire), grad));
+        let result = flatten(&output)
+            .map(|grad| (task_result(&job.assignment, &output, difficulty, seconds, &grad, wire), grad));
         outcomes.push(Outcome { assignment: job.assignment, result });
     }
     outcomes
@@ -178,7 +179,14 @@ fn flatten(output: &TaskOutput) -> Result<Vec<f32>, String> {
 }
 
 /// The result header; the gradient travels as `wire` (see `cluster.grad_dtype`).
-fn task_result(a: &Assignment, output: &TaskOutput, difficulty: f64, seconds: f32, grad: &[f32], wire: Dtype) -> TaskResult {
+fn task_result(
+    a: &Assignment,
+    output: &TaskOutput,
+    difficulty: f64,
+    seconds: f32,
+    grad: &[f32],
+    wire: Dtype,
+) -> TaskResult {
     TaskResult {
         id: a.id,
         version: a.version,

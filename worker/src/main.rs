@@ -12,10 +12,10 @@
 //! algo on model → client sends the Result with the meta-gradient payload.
 
 mod algo;
-mod bench;
 mod batched;
 #[cfg(test)]
 mod batched_tests;
+mod bench;
 mod client;
 mod compute;
 mod data;

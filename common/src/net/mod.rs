@@ -14,5 +14,6 @@ pub use framed::{read_frame, write_frame, NetError};
 pub use metrics_http::{install_prometheus, install_prometheus_labelled, serve_metrics, HISTOGRAM_SECONDS_BUCKETS};
 pub use tls::{
     allow_result_streams, client_endpoint, install_crypto_provider, load_or_init_coordinator, peer_name, server_config,
-    server_endpoint, server_name, sha256_fingerprint, CoordinatorTls, Identity, ServerTrust, ALPN, MAX_UNI_STREAMS,
+    server_endpoint, server_name, set_recv_buffer, sha256_fingerprint, CoordinatorTls, Identity, ServerTrust, ALPN,
+    MAX_UNI_STREAMS, UDP_RECV_BUFFER,
 };

@@ -122,8 +122,9 @@ pub struct CoordinatorArgs {
     /// Threads of the simulated workers' runtime (default: the machine's cores).
     #[arg(long)]
     pub worker_threads: Option<usize>,
-    /// Experiment: ask the kernel for this receive buffer (KiB) on the coordinator's UDP socket instead of
-    /// the OS default the real coordinator uses (Linux doubles it and caps it at net.core.rmem_max).
+    /// Receive buffer (KiB) to ask for on the coordinator's UDP socket. Default: what the real
+    /// coordinator asks for (8192); 0 keeps the OS default, for comparison. Linux doubles the request and
+    /// caps it at net.core.rmem_max.
     #[arg(long, value_name = "KIB")]
     pub recv_buffer_kib: Option<usize>,
     /// One JSON object per line for each case (skipped ones carry `skipped`) instead of the table.
@@ -213,7 +214,11 @@ fn coordinator(args: &CoordinatorArgs) -> Result<(), BenchError> {
     let opts = case::Options {
         coordinator_threads: args.coordinator_threads.unwrap_or_else(cores),
         worker_threads: args.worker_threads.unwrap_or_else(cores),
-        recv_buffer: args.recv_buffer_kib.map(|k| k * 1024),
+        recv_buffer: match args.recv_buffer_kib {
+            None => Some(metatrain_common::net::UDP_RECV_BUFFER),
+            Some(0) => None,
+            Some(k) => Some(k * 1024),
+        },
     };
     let planned = plan::cases(
         &args.layouts,

@@ -22,7 +22,7 @@ use metatrain_common::tensor::Dtype;
 use quinn::RecvStream;
 use thiserror::Error;
 
-use super::socket::set_recv_buffer;
+use metatrain_common::net::set_recv_buffer;
 
 /// Receive buffer each simulated worker asks for (Linux caps it at `net.core.rmem_max`, then doubles
 /// it): with the default (~208 KiB) a worker that shares the cores with the coordinator drops parameter

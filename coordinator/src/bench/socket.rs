@@ -2,6 +2,7 @@
 //! their headers, encryption tags, acknowledgements, retransmissions and handshakes; not the IP/UDP
 //! headers), so the benchmark's wire figures are what actually crossed the socket.
 
+use metatrain_common::net::set_recv_buffer;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -97,10 +98,9 @@ impl AsyncUdpSocket for CountingSocket {
     }
 }
 
-/// A QUIC server endpoint on `addr` as `Endpoint::server` makes it, on a counted socket. Call within a
-/// tokio runtime (the endpoint's driver is spawned on it). `recv_buffer`: ask the kernel for this
-/// `SO_RCVBUF` (it doubles it, capped by `net.core.rmem_max`) instead of the default, as an experiment
-/// (the real coordinator keeps the default).
+/// A QUIC server endpoint on `addr` as `server_endpoint` makes it, on a counted socket. Call within a
+/// tokio runtime (the endpoint's driver is spawned on it). `recv_buffer`: the `SO_RCVBUF` to ask for
+/// (the real coordinator asks for `UDP_RECV_BUFFER`); `None` keeps the OS default, for comparison.
 pub fn counting_server(
     addr: SocketAddr,
     config: quinn::ServerConfig,
@@ -115,26 +115,6 @@ pub fn counting_server(
     let socket = Arc::new(CountingSocket { inner: runtime.wrap_udp_socket(socket)?, counters: counters.clone() });
     let endpoint = Endpoint::new_with_abstract_socket(EndpointConfig::default(), Some(config), socket, runtime)?;
     Ok((endpoint, counters))
-}
-
-/// Asks the kernel for an `SO_RCVBUF` of `bytes` on `socket`.
-pub fn set_recv_buffer(socket: &std::net::UdpSocket, bytes: usize) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let value = libc::c_int::try_from(bytes).map_err(|_| io::Error::other("receive buffer size too large"))?;
-    // SAFETY: setsockopt on a descriptor this function borrows, with a pointer to a live c_int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Datagrams the kernel has dropped so far at each IPv4 UDP socket, by local port (their receive buffer
