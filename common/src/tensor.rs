@@ -133,27 +133,100 @@ pub fn encode_f32(values: &[f32]) -> Vec<u8> {
 
 /// Decodes `expected` f32 values, refusing a wrong length or any NaN/Inf.
 pub fn decode_f32(bytes: &[u8], dtype: Dtype, expected: usize) -> Result<Vec<f32>, TensorError> {
-    if bytes.len() % dtype.size() != 0 {
-        return Err(TensorError::Ragged { bytes: bytes.len(), dtype });
+    let mut decoder = Decoder::new(dtype, expected, bytes.len() as u64)?;
+    decoder.push(bytes);
+    decoder.finish()
+}
+
+/// Decodes a payload as its bytes arrive, in chunks split anywhere, so that a large gradient is never
+/// held twice (as bytes and as values). Wrong lengths are refused before anything is allocated; the
+/// first non-finite value is remembered and later bytes are only counted.
+pub struct Decoder {
+    dtype: Dtype,
+    expected: usize,
+    out: Vec<f32>,
+    /// Bytes of an element split across chunks.
+    carry: [u8; 4],
+    carry_len: usize,
+    error: Option<TensorError>,
+}
+
+/// Values reserved up front; beyond this the vector grows with what actually arrives (a peer cannot make
+/// us allocate by merely announcing a length).
+const DECODE_PREALLOC: usize = 1 << 18;
+
+impl Decoder {
+    /// A decoder for a payload of `payload_len` bytes that must hold `expected` values of `dtype`.
+    pub fn new(dtype: Dtype, expected: usize, payload_len: u64) -> Result<Decoder, TensorError> {
+        let size = dtype.size() as u64;
+        if payload_len % size != 0 {
+            return Err(TensorError::Ragged { bytes: payload_len as usize, dtype });
+        }
+        let got = payload_len / size;
+        if got != expected as u64 {
+            return Err(TensorError::WrongLength { expected, got: got as usize });
+        }
+        Ok(Decoder {
+            dtype,
+            expected,
+            out: Vec::with_capacity(expected.min(DECODE_PREALLOC)),
+            carry: [0; 4],
+            carry_len: 0,
+            error: None,
+        })
     }
-    let got = bytes.len() / dtype.size();
-    if got != expected {
-        return Err(TensorError::WrongLength { expected, got });
+
+    /// Decodes the next bytes of the payload.
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        let size = self.dtype.size();
+        if self.carry_len > 0 {
+            let take = (size - self.carry_len).min(bytes.len());
+            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&bytes[..take]);
+            self.carry_len += take;
+            bytes = &bytes[take..];
+            if self.carry_len < size {
+                return;
+            }
+            let carry = self.carry;
+            self.carry_len = 0;
+            self.value(&carry[..size]);
+        }
+        let whole = bytes.len() / size * size;
+        for chunk in bytes[..whole].chunks_exact(size) {
+            self.value(chunk);
+        }
+        let rest = &bytes[whole..];
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carry_len = rest.len();
     }
-    let mut out = Vec::with_capacity(expected);
-    let size = dtype.size();
-    for (index, chunk) in bytes.chunks_exact(size).enumerate() {
-        let value = match dtype {
+
+    fn value(&mut self, chunk: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        let value = match self.dtype {
             Dtype::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
             Dtype::Bf16 => bf16_to_f32(u16::from_le_bytes([chunk[0], chunk[1]])),
             Dtype::F16 => f16_to_f32(u16::from_le_bytes([chunk[0], chunk[1]])),
         };
-        if !value.is_finite() {
-            return Err(TensorError::NonFinite { index, value });
+        if value.is_finite() && self.out.len() < self.expected {
+            self.out.push(value);
+        } else if !value.is_finite() {
+            self.error = Some(TensorError::NonFinite { index: self.out.len(), value });
+            self.out = Vec::new();
         }
-        out.push(value);
     }
-    Ok(out)
+
+    /// The values, or why they are refused (also when fewer bytes came than announced).
+    pub fn finish(self) -> Result<Vec<f32>, TensorError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if self.out.len() != self.expected || self.carry_len != 0 {
+            return Err(TensorError::WrongLength { expected: self.expected, got: self.out.len() });
+        }
+        Ok(self.out)
+    }
 }
 
 #[cfg(test)]
@@ -171,6 +244,36 @@ mod tests {
         assert!(matches!(decode_f32(&bad, Dtype::F32, 2), Err(TensorError::NonFinite { index: 1, .. })));
         let inf = encode_f32(&[f32::NEG_INFINITY]);
         assert!(matches!(decode_f32(&inf, Dtype::F32, 1), Err(TensorError::NonFinite { index: 0, .. })));
+    }
+
+    /// Chunks split anywhere (inside elements too) decode exactly as the whole payload does.
+    #[test]
+    fn decoding_in_chunks_equals_decoding_at_once() {
+        let v: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+        for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+            let bytes = encode(&v, dtype);
+            let whole = decode_f32(&bytes, dtype, v.len()).unwrap();
+            for step in [1usize, 3, 5, 7, 4096] {
+                let mut d = Decoder::new(dtype, v.len(), bytes.len() as u64).unwrap();
+                for chunk in bytes.chunks(step) {
+                    d.push(chunk);
+                }
+                assert_eq!(d.finish().unwrap(), whole, "{dtype:?} in chunks of {step}");
+            }
+            let mut short = Decoder::new(dtype, v.len(), bytes.len() as u64).unwrap();
+            short.push(&bytes[..bytes.len() - 1]);
+            assert!(matches!(short.finish(), Err(TensorError::WrongLength { .. })), "a truncated payload");
+        }
+        let mut bad = encode(&v, Dtype::F32);
+        bad[400..404].copy_from_slice(&f32::NAN.to_le_bytes());
+        let mut d = Decoder::new(Dtype::F32, v.len(), bad.len() as u64).unwrap();
+        for chunk in bad.chunks(3) {
+            d.push(chunk);
+        }
+        assert!(matches!(d.finish(), Err(TensorError::NonFinite { index: 100, .. })));
+        // Wrong sizes are refused before any allocation.
+        assert!(matches!(Decoder::new(Dtype::F32, 10, 1 << 40), Err(TensorError::WrongLength { .. })));
+        assert!(matches!(Decoder::new(Dtype::Bf16, 10, 21), Err(TensorError::Ragged { .. })));
     }
 
     /// Exhaustive over every half bit pattern: decode → encode is the identity on finite values, and the

@@ -68,9 +68,18 @@ impl Rejection {
     }
 }
 
-/// Checks a result header and its payload against what its mode and the layout (`numel`) require. (That the
-/// mode is the one the task was assigned in is checked against the scheduler's record.)
+/// Checks a result header and its payload bytes against what its mode and the layout (`numel`) require.
+/// (That the mode is the one the task was assigned in is checked against the scheduler's record.)
 pub fn validate(result: &TaskResult, payload: &[u8], numel: usize) -> Result<TaskOutcome, Rejection> {
+    let gradient = (!payload.is_empty()).then(|| decode_f32(payload, result.grad_dtype, numel));
+    validate_decoded(result, gradient)
+}
+
+/// [`validate`] for a gradient already decoded as it arrived (`None`: the result carried no payload).
+pub fn validate_decoded(
+    result: &TaskResult,
+    gradient: Option<Result<Vec<f32>, TensorError>>,
+) -> Result<TaskOutcome, Rejection> {
     let mode = result.mode;
     if !(result.pre_loss.is_finite() && result.post_loss.is_finite()) {
         return Err(Rejection::NonFiniteLoss);
@@ -86,11 +95,11 @@ pub fn validate(result: &TaskResult, payload: &[u8], numel: usize) -> Result<Tas
     if !(0.0..=1.0).contains(&result.difficulty) {
         return Err(Rejection::BadDifficulty);
     }
-    let grad = match mode {
-        Mode::Train if payload.is_empty() => return Err(Rejection::MissingGradient),
-        Mode::Train => Some(decode_f32(payload, result.grad_dtype, numel)?),
-        Mode::Eval if !payload.is_empty() => return Err(Rejection::UnexpectedGradient),
-        Mode::Eval => None,
+    let grad = match (mode, gradient) {
+        (Mode::Train, None) => return Err(Rejection::MissingGradient),
+        (Mode::Train, Some(g)) => Some(g?),
+        (Mode::Eval, Some(_)) => return Err(Rejection::UnexpectedGradient),
+        (Mode::Eval, None) => None,
     };
     Ok(TaskOutcome {
         pre_loss: result.pre_loss as f64,

@@ -13,8 +13,9 @@ use metatrain_common::protocol::{
 };
 use metatrain_common::rng::keyed_rng;
 use metatrain_common::task::{Split, TaskSpec};
-use metatrain_common::tensor::{encode_f32, Dtype};
-use metatrain_coordinator::aggregate::validate;
+use metatrain_common::net::DecodedFrame;
+use metatrain_common::tensor::{encode_f32, Decoder, Dtype, TensorError};
+use metatrain_coordinator::aggregate::{validate, validate_decoded};
 use metatrain_coordinator::scheduler::{Scheduler, Verdict};
 use metatrain_coordinator::server::{handlers, Quarantine, ServerContext};
 use rand::Rng;
@@ -140,6 +141,13 @@ fn frames_and_message_handling_never_panic() {
                 let _ = handlers::hello::handle(&ctx, &h, &h.worker_name);
             }
             Message::Result(r) => {
+                // The server decodes gradients in chunks as they arrive: same verdict as all at once.
+                let chunked = chunked_decode(&frame.payload, r.grad_dtype, &mut rng);
+                assert_eq!(
+                    validate(&r, &frame.payload, NUMEL).map_err(|e| e.reason()),
+                    validate_decoded(&r, chunked).map_err(|e| e.reason()),
+                    "chunked decoding changed a verdict"
+                );
                 if let Ok(o) = validate(&r, &frame.payload, NUMEL) {
                     if let Some(g) = &o.grad {
                         assert_eq!(g.len(), NUMEL, "a mis-shaped gradient was accepted");
@@ -160,7 +168,13 @@ fn frames_and_message_handling_never_panic() {
             _ => {}
         }
         // The async handlers too (they only validate and forward).
-        if matches!(frame.message, Message::Result(_) | Message::TaskFailed { .. }) {
+        let gradient = match &frame.message {
+            Message::Result(r) => chunked_decode(&frame.payload, r.grad_dtype, &mut rng),
+            _ => None,
+        };
+        let is_result = matches!(frame.message, Message::Result(_) | Message::TaskFailed { .. });
+        let frame = DecodedFrame { payload_len: frame.payload.len() as u64, message: frame.message, gradient };
+        if is_result {
             let _ = rt.block_on(handlers::dispatch(&ctx, 1, frame));
             while rx.try_recv().is_ok() {}
         } else {
@@ -172,4 +186,22 @@ fn frames_and_message_handling_never_panic() {
     }
     println!("fuzzed {INPUTS} inputs: {decoded} decoded as frames, {accepted} results accepted, 0 panics");
     assert!(decoded > 1000 && accepted > 0, "the generator must reach the handlers");
+}
+
+/// What `read_result_frame` makes of `payload`: decoded in chunks of random sizes (inside elements too).
+fn chunked_decode(payload: &[u8], dtype: Dtype, rng: &mut impl Rng) -> Option<Result<Vec<f32>, TensorError>> {
+    if payload.is_empty() {
+        return None;
+    }
+    let mut decoder = match Decoder::new(dtype, NUMEL, payload.len() as u64) {
+        Ok(d) => d,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(rng.gen_range(1..=rest.len().min(9)));
+        decoder.push(chunk);
+        rest = tail;
+    }
+    Some(decoder.finish())
 }

@@ -1,6 +1,7 @@
 //! The inner loop and the meta-gradient, one task at a time: MAML (second order) and FOMAML. This is the
 //! plain reference implementation (checked against finite differences); the worker runs the batched
-//! equivalent in [`crate::batched`], tested equal to it.
+//! equivalent in [`crate::batched`], tested equal to it, except where batching does not pay (see
+//! [`crate::compute`]).
 //!
 //! Inner loop: `inner_steps` SGD steps on the support loss at `inner_lr`, each inner gradient clamped
 //! elementwise to `[-c, c]`. For MAML the inner gradients are computed with `create_graph`, so the final
@@ -117,7 +118,6 @@ pub fn meta_gradient(
 
 /// Meta-testing: losses and accuracy before and after first-order adaptation; no meta-gradient. The
 /// per-task reference that the worker's batched evaluation ([`crate::batched::evaluate`]) is tested against.
-#[cfg(test)]
 pub fn evaluate_task(spec: &ModelSpec, params: &[Tensor], task: &TaskTensors, inner: &InnerLoop) -> TaskOutput {
     let theta = leaves(params);
     let (pre_loss, pre_accuracy) = evaluate(spec, &theta, task);

@@ -7,19 +7,25 @@
 //! tasks, and computes the tasks that share a mode and a parameter version as one batched computation.
 //! A task's result does not depend on the batch it lands in (tested), so a run stays reproducible
 //! whatever the number of workers and their batch sizes.
+//!
+//! **Except conv4 on CPU**, which runs one task at a time ([`crate::algo`]): its convolutions already keep
+//! a core busy, and the grouped convolutions of the batched path were measured slower there (0.85× the
+//! per-task loop for MAML, 0.7× for FOMAML, `bench/run.sh worker`). The choice depends only on the model
+//! and the kind of device, never on timing, so results stay independent of batching.
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use metatrain_common::config::Config;
+use metatrain_common::config::ModelKind;
 use metatrain_common::layout::{ModelSpec, ParamLayout};
 use metatrain_common::protocol::{Assignment, Mode, TaskResult};
 use metatrain_common::task::{generate, Datasets};
 use metatrain_common::tensor::Dtype;
 use tch::{Device, Kind};
 
-use crate::algo::{InnerLoop, TaskOutput, TaskTensors};
+use crate::algo::{evaluate_task, meta_gradient, InnerLoop, TaskOutput, TaskTensors};
 use crate::batched::{evaluate, meta_gradients, TaskBatch};
 use crate::tensors::{flat_from_tensors, params_from_flat, task_tensors};
 
@@ -135,30 +141,38 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
     let params: Vec<_> =
         params_from_flat(&ctx.layout, &first.params, Kind::Float).into_iter().map(|t| t.to_device(device)).collect();
     let (jobs, rest): (Vec<(Job, f64)>, Vec<TaskTensors>) = ready.into_iter().map(|(j, d, t)| ((j, d), t)).unzip();
-    let batch = match TaskBatch::stack(&rest) {
-        Ok(batch) => batch,
-        Err(e) => {
-            let reason = format!("cannot batch this run's tasks: {e}");
-            outcomes.extend(
-                jobs.into_iter().map(|(j, _)| Outcome { assignment: j.assignment, result: Err(reason.clone()) }),
-            );
-            return outcomes;
-        }
-    };
     let algo = &ctx.config.algo;
-    let outputs = match jobs[0].0.assignment.mode {
-        Mode::Train => {
-            let inner = InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp };
-            meta_gradients(&ctx.spec, algo.name, &params, &batch, &inner)
+    let mode = jobs[0].0.assignment.mode;
+    let inner = match mode {
+        Mode::Train => InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp },
+        Mode::Eval => InnerLoop {
+            steps: ctx.config.eval.inner_steps,
+            lr: ctx.config.eval_inner_lr(),
+            clamp: algo.inner_grad_clamp,
+        },
+    };
+    let outputs = if batching_pays(&ctx.spec, device) {
+        let batch = match TaskBatch::stack(&rest) {
+            Ok(batch) => batch,
+            Err(e) => {
+                let reason = format!("cannot batch this run's tasks: {e}");
+                outcomes.extend(
+                    jobs.into_iter().map(|(j, _)| Outcome { assignment: j.assignment, result: Err(reason.clone()) }),
+                );
+                return outcomes;
+            }
+        };
+        match mode {
+            Mode::Train => meta_gradients(&ctx.spec, algo.name, &params, &batch, &inner),
+            Mode::Eval => evaluate(&ctx.spec, &params, &batch, &inner),
         }
-        Mode::Eval => {
-            let inner = InnerLoop {
-                steps: ctx.config.eval.inner_steps,
-                lr: ctx.config.eval_inner_lr(),
-                clamp: algo.inner_grad_clamp,
-            };
-            evaluate(&ctx.spec, &params, &batch, &inner)
-        }
+    } else {
+        rest.iter()
+            .map(|task| match mode {
+                Mode::Train => meta_gradient(&ctx.spec, algo.name, &params, task, &inner),
+                Mode::Eval => evaluate_task(&ctx.spec, &params, task, &inner),
+            })
+            .collect()
     };
     // The batch's time, shared equally by its tasks.
     let seconds = started.elapsed().as_secs_f32() / jobs.len() as f32;
@@ -169,6 +183,11 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
         outcomes.push(Outcome { assignment: job.assignment, result });
     }
     outcomes
+}
+
+/// Whether tasks are computed as batches on `device` (see the module docs).
+fn batching_pays(spec: &ModelSpec, device: Device) -> bool {
+    !(spec.kind == ModelKind::Conv4 && device == Device::Cpu)
 }
 
 fn flatten(output: &TaskOutput) -> Result<Vec<f32>, String> {

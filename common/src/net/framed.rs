@@ -4,6 +4,7 @@ use quinn::{ReadExactError, RecvStream, SendStream};
 use thiserror::Error;
 
 use crate::protocol::{decode_header, decode_prefix, encode_head, Frame, Limits, Message, ProtocolError, PREFIX_LEN};
+use crate::tensor::{Decoder, TensorError};
 
 /// Payload bytes reserved before any arrive; beyond this the buffer grows with what is received.
 const PAYLOAD_PREALLOC: u64 = 1 << 20;
@@ -20,6 +21,64 @@ pub enum NetError {
     FinishedEarly,
     #[error("stream closed: {0}")]
     Closed(#[from] quinn::ClosedStream),
+    #[error("a {0} message carries no payload")]
+    UnexpectedPayload(&'static str),
+}
+
+/// A frame from a result stream, its gradient (if any) decoded while it arrived.
+pub struct DecodedFrame {
+    pub message: Message,
+    /// Payload bytes received.
+    pub payload_len: u64,
+    /// `None` without a payload; otherwise the `numel` values of the `Result`'s gradient, or why they
+    /// are refused (wrong length, non-finite value).
+    pub gradient: Option<Result<Vec<f32>, TensorError>>,
+}
+
+/// Reads one frame within `limits`, decoding a `Result`'s gradient payload chunk by chunk as it arrives
+/// ([`Decoder`]): a gradient is never held as bytes and as values at once, which halves the memory a
+/// large model's results take. Only a `Result` may carry a payload here.
+pub async fn read_result_frame(
+    stream: &mut RecvStream,
+    limits: &Limits,
+    numel: usize,
+) -> Result<Option<DecodedFrame>, NetError> {
+    let Some((message, payload_len)) = read_head(stream, limits).await? else { return Ok(None) };
+    if payload_len == 0 {
+        return Ok(Some(DecodedFrame { message, payload_len, gradient: None }));
+    }
+    let Message::Result(result) = &message else { return Err(NetError::UnexpectedPayload(message.kind())) };
+    let mut decoder = Decoder::new(result.grad_dtype, numel, payload_len);
+    let mut received = 0u64;
+    while received < payload_len {
+        let want = (payload_len - received).min(usize::MAX as u64) as usize;
+        match stream.read_chunk(want, true).await? {
+            Some(chunk) => {
+                received += chunk.bytes.len() as u64;
+                if let Ok(d) = decoder.as_mut() {
+                    d.push(&chunk.bytes);
+                }
+            }
+            None => return Err(NetError::FinishedEarly),
+        }
+    }
+    let gradient = Some(decoder.and_then(Decoder::finish));
+    Ok(Some(DecodedFrame { message, payload_len, gradient }))
+}
+
+/// Reads a frame's prefix and header. `Ok(None)`: the peer finished the stream cleanly between frames.
+async fn read_head(stream: &mut RecvStream, limits: &Limits) -> Result<Option<(Message, u64)>, NetError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    match stream.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(_)) => return Err(NetError::FinishedEarly),
+        Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let (header_len, payload_len) = decode_prefix(&prefix, limits)?;
+    let mut header = vec![0u8; header_len];
+    read_exact(stream, &mut header).await?;
+    Ok(Some((decode_header(&header, payload_len)?, payload_len)))
 }
 
 /// Writes one frame (prefix, header, payload) without copying the payload.
@@ -34,17 +93,7 @@ pub async fn write_frame(stream: &mut SendStream, message: &Message, payload: &[
 
 /// Reads one frame within `limits`. `Ok(None)`: the peer finished the stream cleanly between frames.
 pub async fn read_frame(stream: &mut RecvStream, limits: &Limits) -> Result<Option<Frame>, NetError> {
-    let mut prefix = [0u8; PREFIX_LEN];
-    match stream.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(ReadExactError::FinishedEarly(_)) => return Err(NetError::FinishedEarly),
-        Err(ReadExactError::ReadError(e)) => return Err(e.into()),
-    }
-    let (header_len, payload_len) = decode_prefix(&prefix, limits)?;
-    let mut header = vec![0u8; header_len];
-    read_exact(stream, &mut header).await?;
-    let message = decode_header(&header, payload_len)?;
+    let Some((message, payload_len)) = read_head(stream, limits).await? else { return Ok(None) };
     // payload_len passed the receiver's limit and matches the header's declaration; still, memory grows
     // only with bytes that actually arrive, so a peer cannot make us allocate by merely announcing.
     let mut payload = Vec::with_capacity(payload_len.min(PAYLOAD_PREALLOC) as usize);

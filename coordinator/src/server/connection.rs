@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metatrain_common::net::{read_frame, write_frame, NetError};
+use metatrain_common::net::{read_frame, read_result_frame, write_frame, NetError};
 use metatrain_common::protocol::{Limits, Message};
 use metatrain_common::tensor::Dtype;
 use tokio::sync::mpsc;
@@ -195,7 +195,8 @@ async fn read_results(conn: &quinn::Connection, ctx: &Arc<ServerContext>, worker
                 };
                 let (ctx, errors_tx) = (ctx.clone(), errors_tx.clone());
                 tokio::spawn(async move {
-                    let frame = tokio::time::timeout(RESULT_STREAM_TIMEOUT, read_frame(&mut stream, &limits)).await;
+                    let frame =
+                        tokio::time::timeout(RESULT_STREAM_TIMEOUT, read_result_frame(&mut stream, &limits, ctx.numel)).await;
                     let outcome = match frame {
                         Err(_) => Err(HandlerError::Protocol("result stream too slow".into())),
                         Ok(Err(e)) => Err(HandlerError::Protocol(e.to_string())),

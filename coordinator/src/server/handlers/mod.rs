@@ -5,7 +5,8 @@ pub mod hello;
 pub mod result;
 pub mod task_failed;
 
-use metatrain_common::protocol::{Frame, Message};
+use metatrain_common::net::DecodedFrame;
+use metatrain_common::protocol::Message;
 use thiserror::Error;
 
 use super::ServerContext;
@@ -21,10 +22,10 @@ pub enum HandlerError {
 }
 
 /// Routes a frame from a result stream to its handler.
-pub async fn dispatch(ctx: &ServerContext, worker: u64, frame: Frame) -> Result<(), HandlerError> {
-    metrics::counter!("metatrain_received_bytes_total").increment(frame.payload.len() as u64);
+pub async fn dispatch(ctx: &ServerContext, worker: u64, frame: DecodedFrame) -> Result<(), HandlerError> {
+    metrics::counter!("metatrain_received_bytes_total").increment(frame.payload_len);
     match frame.message {
-        Message::Result(result) => result::handle(ctx, worker, result, &frame.payload).await,
+        Message::Result(result) => result::handle(ctx, worker, result, frame.gradient).await,
         Message::TaskFailed { id, version, reason } => task_failed::handle(ctx, worker, id, version, reason).await,
         other => Err(HandlerError::Protocol(format!("a worker may not send {} on a result stream", other.kind()))),
     }

@@ -1,14 +1,21 @@
-//! `Result`: validate the header and gradient payload (shape, dtype, finiteness) here, on the
-//! connection's task, then hand the verdict to the training loop, which checks id, version and mode.
+//! `Result`: validate the header and the gradient (decoded while it arrived: shape, dtype, finiteness)
+//! here, on the connection's task, then hand the verdict to the training loop, which checks id, version
+//! and mode.
 
 use metatrain_common::protocol::TaskResult;
+use metatrain_common::tensor::TensorError;
 
 use super::HandlerError;
-use crate::aggregate::validate;
+use crate::aggregate::validate_decoded;
 use crate::server::{Event, ServerContext};
 
-pub async fn handle(ctx: &ServerContext, worker: u64, result: TaskResult, payload: &[u8]) -> Result<(), HandlerError> {
-    let outcome = validate(&result, payload, ctx.numel);
+pub async fn handle(
+    ctx: &ServerContext,
+    worker: u64,
+    result: TaskResult,
+    gradient: Option<Result<Vec<f32>, TensorError>>,
+) -> Result<(), HandlerError> {
+    let outcome = validate_decoded(&result, gradient);
     let event = Event::Result { worker, result, outcome };
     ctx.events.send(event).await.map_err(|_| HandlerError::Shutdown)
 }
