@@ -2,7 +2,8 @@
 # metatrain's benchmarks, each printing ratios against a baseline measured in the same run:
 #   worker       metatrain-worker bench (per-task loop, batched) beside bench/pytorch_reference.py (per-task
 #                loop, torch.func.vmap) on the same models, task shapes and inner loops, 1 thread each;
-#   scaling      meta-steps/s of `metatrain train` with 1, 2 and 4 local worker processes (vs 1);
+#   scaling      meta-steps/s of `metatrain train` (sinusoid: coordinator-bound; noisy-linear MAML with 5
+#                inner steps: compute-bound) with 1, 2 and 4 local worker processes (vs 1);
 #   coordinator  `metatrain bench coordinator`: the coordinator alone against simulated workers.
 # Usage: bench/run.sh [worker] [scaling] [coordinator]   (default: all three)
 # Environment: BENCH_SECONDS (per measurement, default 3), BENCH_TASKS (tasks per round, default 32),
@@ -73,24 +74,25 @@ EOF
 run_scaling() {
   local steps=$((BENCH_SECONDS_SCALING_STEPS))
   echo
-  echo "== scaling: metatrain train, sinusoid MAML, ${steps} meta-steps, meta-batch 25, no evaluation ($nproc_ cores)"
-  printf "%-9s %12s %10s\n" workers steps/s "vs 1"
-  local base=""
-  for n in 1 2 4; do
-    local dir
-    dir="$(mktemp -d)"
-    metatrain train --config configs/sinusoid.toml --local-workers "$n" --set "train.steps=$steps" \
-      --set eval.every=0 --set eval.final_tasks=1 --out "$dir/run" >"$dir/log" 2>&1
-    local secs
-    secs=$(sed -n 's/.*run finished: [0-9]* meta-steps in \([0-9.]*\)s.*/\1/p' "$dir/log")
-    local rate
-    rate=$(awk -v s="$steps" -v t="$secs" 'BEGIN { printf "%.1f", s / t }')
-    [ -z "$base" ] && base=$rate
-    printf "%-9s %12s %9.2fx\n" "$n" "$rate" "$(awk -v a="$rate" -v b="$base" 'BEGIN { print a / b }')"
-    echo "{\"workers\":$n,\"steps\":$steps,\"seconds\":$secs,\"steps_per_s\":$rate}" >>"$out/scaling.jsonl"
-    rm -rf "$dir"
+  echo "== scaling: metatrain train, ${steps} meta-steps, no evaluation, 1/2/4 local worker processes ($nproc_ cores)"
+  printf "%-28s %-9s %12s %10s\n" config workers steps/s "vs 1"
+  for cfg in sinusoid noisy-linear; do
+    local base=""
+    for n in 1 2 4; do
+      local dir secs rate
+      dir="$(mktemp -d)"
+      metatrain train --config "configs/$cfg.toml" --local-workers "$n" --set "train.steps=$steps" \
+        --set eval.every=0 --set eval.final_tasks=0 --out "$dir/run" >"$dir/log" 2>&1
+      secs=$(sed -n 's/.*run finished: [0-9]* meta-steps in \([0-9.]*\)s.*/\1/p' "$dir/log")
+      rate=$(awk -v s="$steps" -v t="$secs" 'BEGIN { printf "%.1f", s / t }')
+      [ -z "$base" ] && base=$rate
+      printf "%-28s %-9s %12s %9.2fx\n" "$cfg" "$n" "$rate" "$(awk -v a="$rate" -v b="$base" 'BEGIN { print a / b }')"
+      echo "{\"config\":\"$cfg\",\"workers\":$n,\"steps\":$steps,\"seconds\":$secs,\"steps_per_s\":$rate}" >>"$out/scaling.jsonl"
+      rm -rf "$dir"
+    done
   done
-  echo "(each local worker is one process with one compute thread; beyond $nproc_ processes they share cores)"
+  echo "(each local worker is one process with one compute thread; beyond $nproc_ processes they share cores with"
+  echo " each other and with the coordinator)"
 }
 
 run_coordinator() {
