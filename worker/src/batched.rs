@@ -27,7 +27,7 @@
 //! [`MIN_BATCH`], padded with a copy of itself, and a test checks that a task's meta-gradient is bitwise
 //! the same alone, in a batch of 3 and in a batch of 8, for every model.
 
-use metatrain_common::config::{AlgoKind, ModelKind};
+use metatrain_common::config::{AlgoKind, ComputeDtype, ModelKind};
 use metatrain_common::layout::{ModelSpec, CONV4_IMAGE_SIDE};
 use tch::{Kind, Tensor};
 use thiserror::Error;
@@ -140,9 +140,20 @@ fn same_shapes(
     Ok(())
 }
 
-/// `x @ wᵀ + b` per task: x `[T, n, in]`, w `[T, out, in]`, b `[T, out]` → `[T, n, out]`.
-fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
-    x.bmm(&w.transpose(1, 2)) + b.unsqueeze(1)
+/// `x @ wᵀ + b` per task: x `[T, n, in]`, w `[T, out, in]`, b `[T, out]` → `[T, n, out]`. The product
+/// runs in `p`'s element type, the sum in the parameters'.
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor, p: ComputeDtype) -> Tensor {
+    low(x, p).bmm(&low(w, p).transpose(1, 2)).to_kind(b.kind()) + b.unsqueeze(1)
+}
+
+/// Mixed precision as autocast does it: matrix products and convolutions take bf16 inputs (with
+/// `compute_dtype = "bf16"`); parameters, normalisation, losses and the inner updates stay f32, and
+/// gradients flow back through the casts. With f32 this is the identity.
+fn low(t: &Tensor, p: ComputeDtype) -> Tensor {
+    match p {
+        ComputeDtype::F32 => t.shallow_clone(),
+        ComputeDtype::Bf16 => t.to_kind(Kind::BFloat16),
+    }
 }
 
 /// LayerNorm over the last dimension with per-task affine parameters `[T, width]`.
@@ -152,26 +163,27 @@ fn layer_norm(h: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
 }
 
 /// Outputs `[T, n, outputs]` of T models (parameters `[T, ...]`) on their own inputs `[T, n, ...]`.
-pub fn forward(spec: &ModelSpec, params: &[Tensor], x: &Tensor) -> Tensor {
+pub fn forward(spec: &ModelSpec, params: &[Tensor], x: &Tensor, p: ComputeDtype) -> Tensor {
     match spec.kind {
         ModelKind::Mlp => {
-            let h = linear(x, &params[0], &params[1]).relu();
-            let h = linear(&h, &params[2], &params[3]).relu();
-            linear(&h, &params[4], &params[5])
+            let h = linear(x, &params[0], &params[1], p).relu();
+            let h = linear(&h, &params[2], &params[3], p).relu();
+            linear(&h, &params[4], &params[5], p)
         }
         ModelKind::MlpLn => {
-            let h = layer_norm(&linear(x, &params[0], &params[1]), &params[2], &params[3]).relu();
-            let h = layer_norm(&linear(&h, &params[4], &params[5]), &params[6], &params[7]).relu();
-            linear(&h, &params[8], &params[9])
+            let h = layer_norm(&linear(x, &params[0], &params[1], p), &params[2], &params[3]).relu();
+            let h = layer_norm(&linear(&h, &params[4], &params[5], p), &params[6], &params[7]).relu();
+            linear(&h, &params[8], &params[9], p)
         }
-        ModelKind::Conv4 => conv4(params, x),
+        ModelKind::Conv4 => conv4(params, x, p),
     }
 }
 
 /// conv4 with the tasks as convolution groups: activations are `[n, T·C, H, W]` throughout.
-fn conv4(params: &[Tensor], x: &Tensor) -> Tensor {
+fn conv4(params: &[Tensor], x: &Tensor, precision: ComputeDtype) -> Tensor {
     let (tasks, n) = (x.size()[0], x.size()[1]);
     let side = CONV4_IMAGE_SIDE as i64;
+    let kind = params[0].kind();
     // [T, n, 1, 28, 28] → [n, T, 28, 28]: task t's images are channel t.
     let mut h = x.reshape([tasks, n, side, side]).transpose(0, 1);
     for block in 0..4 {
@@ -179,20 +191,21 @@ fn conv4(params: &[Tensor], x: &Tensor) -> Tensor {
         h = if block == 0 {
             // One input channel per task: a grouped convolution would round differently depending on the
             // number of groups (measured: ~2e-6), making a task's result depend on its batch.
-            conv_as_matmul(&h, &p[0], &p[1])
+            conv_as_matmul(&h, &p[0], &p[1], precision)
         } else {
             // 64 channels per task: grouped convolution is batch-invariant here (tested) and 1.5× faster
             // than patches × weights (measured on conv4 MAML, 16 tasks).
             let w = p[0].size(); // [T, out, in, 3, 3]
-            h.conv2d(
-                &p[0].reshape([tasks * w[1], w[2], w[3], w[4]]),
-                Some(&p[1].reshape([-1])),
+            low(&h, precision).conv2d(
+                &low(&p[0].reshape([tasks * w[1], w[2], w[3], w[4]]), precision),
+                Some(&low(&p[1].reshape([-1]), precision)),
                 [2, 2],
                 [1, 1],
                 [1, 1],
                 tasks,
             )
-        };
+        }
+        .to_kind(kind);
         h = Tensor::batch_norm(
             &h,
             Some(&p[2].reshape([-1])),
@@ -208,12 +221,12 @@ fn conv4(params: &[Tensor], x: &Tensor) -> Tensor {
     }
     // [n, T·C, s, s] → [T, n, C·s·s], each task's features in the per-task model's flatten order.
     let features = h.reshape([n, tasks, -1]).transpose(0, 1);
-    linear(&features, &params[16], &params[17])
+    linear(&features, &params[16], &params[17], precision)
 }
 
 /// A 3×3, stride-2, padding-1 convolution per task as patches times weights: `x` `[n, T·C, H, W]`,
 /// weights `[T, out, C, 3, 3]`, bias `[T, out]` → `[n, T·out, H', W']`.
-fn conv_as_matmul(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+fn conv_as_matmul(x: &Tensor, weight: &Tensor, bias: &Tensor, precision: ComputeDtype) -> Tensor {
     let (n, side) = (x.size()[0], x.size()[2]);
     let (tasks, out, cin) = (weight.size()[0], weight.size()[1], weight.size()[2]);
     let out_side = (side + 2 - 3) / 2 + 1;
@@ -223,7 +236,8 @@ fn conv_as_matmul(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
         .reshape([n, tasks, cin * 9, -1])
         .permute([1, 2, 0, 3])
         .reshape([tasks, cin * 9, -1]);
-    let h = weight.reshape([tasks, out, cin * 9]).bmm(&patches) + bias.unsqueeze(2); // [T, out, n·L]
+    let h = low(&weight.reshape([tasks, out, cin * 9]), precision).bmm(&low(&patches, precision)).to_kind(bias.kind())
+        + bias.unsqueeze(2); // [T, out, n·L]
     h.reshape([tasks, out, n, out_side, out_side]).permute([2, 0, 1, 3, 4]).reshape([
         n,
         tasks * out,
@@ -290,6 +304,7 @@ pub fn meta_gradients(
     params: &[Tensor],
     batch: &TaskBatch,
     inner: &InnerLoop,
+    precision: ComputeDtype,
 ) -> Vec<TaskOutput> {
     let wanted = batch.len();
     let padded = batch.padded();
@@ -297,17 +312,17 @@ pub fn meta_gradients(
     let tasks = batch.len() as i64;
     let theta = stacked_leaves(params, tasks);
     let (pre_losses, pre_accuracies) = tch::no_grad(|| {
-        let out = forward(spec, &theta, &batch.query_x);
+        let out = forward(spec, &theta, &batch.query_x, precision);
         (values(&losses(&out, &batch.query_y)), accuracies(&out, &batch.query_y))
     });
     let second_order = matches!(algo, AlgoKind::Maml);
     let mut fast: Vec<Tensor> = theta.iter().map(|p| p.shallow_clone()).collect();
     for _ in 0..inner.steps {
-        let support_loss = losses(&forward(spec, &fast, &batch.support_x), &batch.support_y).sum(fast[0].kind());
+        let support_loss = losses(&forward(spec, &fast, &batch.support_x, precision), &batch.support_y).sum(fast[0].kind());
         let grads = Tensor::run_backward(&[&support_loss], &fast, second_order, second_order);
         fast = fast.iter().zip(grads).map(|(p, g)| p - clamp(g, inner.clamp) * inner.lr).collect();
     }
-    let out = forward(spec, &fast, &batch.query_x);
+    let out = forward(spec, &fast, &batch.query_x, precision);
     let query_losses = losses(&out, &batch.query_y);
     let post_accuracies = tch::no_grad(|| accuracies(&out, &batch.query_y));
     let post_losses = values(&query_losses);
@@ -329,7 +344,13 @@ pub fn meta_gradients(
 
 /// Meta-testing for all tasks in `batch`: losses (and accuracy) before and after first-order adaptation,
 /// no meta-gradient; one [`TaskOutput`] per task, as [`crate::algo::evaluate_task`] gives them.
-pub fn evaluate(spec: &ModelSpec, params: &[Tensor], batch: &TaskBatch, inner: &InnerLoop) -> Vec<TaskOutput> {
+pub fn evaluate(
+    spec: &ModelSpec,
+    params: &[Tensor],
+    batch: &TaskBatch,
+    inner: &InnerLoop,
+    precision: ComputeDtype,
+) -> Vec<TaskOutput> {
     let wanted = batch.len();
     let padded = batch.padded();
     let batch = padded.as_ref().unwrap_or(batch);
@@ -337,13 +358,13 @@ pub fn evaluate(spec: &ModelSpec, params: &[Tensor], batch: &TaskBatch, inner: &
     let mut fast = stacked_leaves(params, tasks);
     let measure = |p: &[Tensor]| {
         tch::no_grad(|| {
-            let out = forward(spec, p, &batch.query_x);
+            let out = forward(spec, p, &batch.query_x, precision);
             (values(&losses(&out, &batch.query_y)), accuracies(&out, &batch.query_y))
         })
     };
     let (pre_losses, pre_accuracies) = measure(&fast);
     for _ in 0..inner.steps {
-        let support_loss = losses(&forward(spec, &fast, &batch.support_x), &batch.support_y).sum(fast[0].kind());
+        let support_loss = losses(&forward(spec, &fast, &batch.support_x, precision), &batch.support_y).sum(fast[0].kind());
         let grads = Tensor::run_backward(&[&support_loss], &fast, false, false);
         fast = fast
             .iter()

@@ -2,7 +2,7 @@
 //! `gradcheck_tests`): equal meta-gradients, losses and accuracies in f64, for every model and both
 //! algorithms; and, in f32, a task's result bitwise independent of the batch it was computed in.
 
-use metatrain_common::config::{AlgoKind, ModelKind};
+use metatrain_common::config::{AlgoKind, ComputeDtype, ModelKind};
 use metatrain_common::layout::ModelSpec;
 use tch::{Kind, Tensor};
 
@@ -35,7 +35,7 @@ fn compare(spec: &ModelSpec, algo: AlgoKind, inner: InnerLoop, make: impl Fn() -
     let theta = params(spec, 7);
     let tasks: Vec<TaskTensors> = (0..5).map(|_| make()).collect();
     let batch = TaskBatch::stack(&tasks).expect("same shapes");
-    let batched = meta_gradients(spec, algo, &theta, &batch, &inner);
+    let batched = meta_gradients(spec, algo, &theta, &batch, &inner, ComputeDtype::F32);
     assert_eq!(batched.len(), tasks.len());
     let mut worst: f64 = 0.0;
     for (task, b) in tasks.iter().zip(&batched) {
@@ -89,7 +89,7 @@ fn batched_equals_per_task_loop_in_f32() {
     let theta: Vec<Tensor> = params(&spec, 7).iter().map(|p| p.to_kind(Kind::Float)).collect();
     let tasks: Vec<TaskTensors> = (0..4).map(|_| to_f32(&regression_task(2, 30, 20))).collect();
     let inner = InnerLoop { steps: 5, lr: 0.1, clamp: 10.0 };
-    let batched = meta_gradients(&spec, AlgoKind::Maml, &theta, &TaskBatch::stack(&tasks).expect("stack"), &inner);
+    let batched = meta_gradients(&spec, AlgoKind::Maml, &theta, &TaskBatch::stack(&tasks).expect("stack"), &inner, ComputeDtype::F32);
     let worst = tasks
         .iter()
         .zip(&batched)
@@ -129,7 +129,7 @@ fn a_tasks_result_does_not_depend_on_its_batch() {
         let theta: Vec<Tensor> = params(&spec, 7).iter().map(|p| p.to_kind(Kind::Float)).collect();
         let tasks: Vec<TaskTensors> = (0..8).map(|_| make()).collect();
         let grads = |batch: &[TaskTensors]| -> Vec<Vec<f32>> {
-            meta_gradients(&spec, AlgoKind::Maml, &theta, &TaskBatch::stack(batch).expect("stack"), &inner)
+            meta_gradients(&spec, AlgoKind::Maml, &theta, &TaskBatch::stack(batch).expect("stack"), &inner, ComputeDtype::F32)
                 .iter()
                 .map(|o| crate::tensors::flat_from_tensors(o.meta_gradient.as_ref().expect("gradient")).expect("flat"))
                 .collect()
@@ -178,7 +178,7 @@ fn batched_evaluation_equals_per_task_evaluation() {
         seeded(400 + i as i64);
         let theta = params(&spec, 7);
         let tasks: Vec<TaskTensors> = (0..4).map(|_| make()).collect();
-        let batched = evaluate(&spec, &theta, &TaskBatch::stack(&tasks).expect("stack"), &inner);
+        let batched = evaluate(&spec, &theta, &TaskBatch::stack(&tasks).expect("stack"), &inner, ComputeDtype::F32);
         for (t, b) in tasks.iter().zip(&batched) {
             let one = evaluate_task(&spec, &theta, t, &inner);
             assert!(b.meta_gradient.is_none());
@@ -189,8 +189,85 @@ fn batched_evaluation_equals_per_task_evaluation() {
         }
         let theta32: Vec<Tensor> = theta.iter().map(|p| p.to_kind(Kind::Float)).collect();
         let tasks32: Vec<TaskTensors> = tasks.iter().map(to_f32).collect();
-        let all = evaluate(&spec, &theta32, &TaskBatch::stack(&tasks32).expect("stack"), &inner);
-        let alone = evaluate(&spec, &theta32, &TaskBatch::stack(&tasks32[2..3]).expect("stack"), &inner);
+        let all = evaluate(&spec, &theta32, &TaskBatch::stack(&tasks32).expect("stack"), &inner, ComputeDtype::F32);
+        let alone = evaluate(&spec, &theta32, &TaskBatch::stack(&tasks32[2..3]).expect("stack"), &inner, ComputeDtype::F32);
         assert_eq!((all[2].pre_loss, all[2].post_loss), (alone[0].pre_loss, alone[0].post_loss), "{:?}", spec.kind);
+    }
+}
+
+/// `algo.compute_dtype = "bf16"` (matrix products and convolutions in bf16, the rest f32) against f32,
+/// with f32 against f64 beside it for scale: within 5% for one-step MLP inner loops; measured (printed)
+/// for a 5-step second-order loop with LayerNorm and for conv4; the casts are real (results differ).
+#[test]
+fn bf16_mixed_precision_against_f32() {
+    tch::set_num_threads(1);
+    let cases: Vec<(ModelSpec, InnerLoop, Box<dyn Fn() -> TaskTensors>)> = vec![
+        (
+            ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 },
+            InnerLoop { steps: 5, lr: 0.1, clamp: 10.0 },
+            Box::new(|| to_f32(&regression_task(2, 30, 20))),
+        ),
+        (
+            ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 },
+            InnerLoop { steps: 1, lr: 0.1, clamp: 10.0 },
+            Box::new(|| to_f32(&regression_task(2, 30, 20))),
+        ),
+        (
+            ModelSpec { kind: ModelKind::Mlp, in_features: 1, outputs: 1 },
+            InnerLoop { steps: 1, lr: 0.01, clamp: 10.0 },
+            Box::new(|| to_f32(&regression_task(1, 10, 10))),
+        ),
+        (
+            ModelSpec { kind: ModelKind::Conv4, in_features: 784, outputs: 5 },
+            InnerLoop { steps: 1, lr: 0.4, clamp: 10.0 },
+            Box::new(|| to_f32(&image_task(5, 1, 5))),
+        ),
+    ];
+    for (i, (spec, inner, make)) in cases.into_iter().enumerate() {
+        seeded(501 + i as i64);
+        let theta: Vec<Tensor> = params(&spec, 7).iter().map(|p| p.to_kind(Kind::Float)).collect();
+        let tasks: Vec<TaskTensors> = (0..4).map(|_| make()).collect();
+        let batch = TaskBatch::stack(&tasks).expect("stack");
+        let run = |precision| -> Vec<f32> {
+            meta_gradients(&spec, AlgoKind::Maml, &theta, &batch, &inner, precision)
+                .iter()
+                .flat_map(|o| crate::tensors::flat_from_tensors(o.meta_gradient.as_ref().expect("gradient")).expect("flat"))
+                .collect()
+        };
+        let (full, half) = (run(ComputeDtype::F32), run(ComputeDtype::Bf16));
+        let diff: f64 = full.iter().zip(&half).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = full.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+        let rel = diff / norm;
+        println!("{:?} MAML K={}: bf16 mixed precision vs f32 meta-gradient, relative L2 difference {rel:.2e}", spec.kind, inner.steps);
+        assert!(half.iter().all(|v| v.is_finite()));
+        // f32 against f64 on the same tasks: how sensitive this meta-gradient is to rounding at all.
+        let theta64: Vec<Tensor> = theta.iter().map(|p| p.to_kind(Kind::Double)).collect();
+        let tasks64: Vec<TaskTensors> = tasks.iter().map(|t| cast(t, Kind::Double)).collect();
+        let exact: Vec<f64> = meta_gradients(&spec, AlgoKind::Maml, &theta64, &TaskBatch::stack(&tasks64).expect("stack"), &inner, ComputeDtype::F32)
+            .iter()
+            .flat_map(|o| o.meta_gradient.as_ref().expect("gradient").iter().flat_map(|g| Vec::<f64>::try_from(g.flatten(0, -1)).expect("f64")).collect::<Vec<_>>())
+            .collect();
+        let e32: f64 = full.iter().zip(&exact).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>().sqrt() / norm;
+        println!("   (f32 vs f64: {e32:.2e})");
+        // Sound where the inner loop is one step of an MLP (measured ~1%); deeper second-order loops and
+        // conv4's batch-normalised ReLUs amplify bf16's rounding (measured 32% and 23%: documented, not
+        // asserted small).
+        if inner.steps == 1 && spec.kind != ModelKind::Conv4 {
+            assert!(rel < 0.05, "{:?}: bf16 meta-gradient off by {rel:e}", spec.kind);
+        }
+        assert!(rel > 1e-5, "{:?}: bf16 must actually round (got {rel:e})", spec.kind);
+    }
+}
+
+fn cast(task: &TaskTensors, kind: Kind) -> TaskTensors {
+    let y = |y: &TargetTensor| match y {
+        TargetTensor::Real(t) => TargetTensor::Real(t.to_kind(kind)),
+        TargetTensor::Class(t) => TargetTensor::Class(t.shallow_clone()),
+    };
+    TaskTensors {
+        support_x: task.support_x.to_kind(kind),
+        support_y: y(&task.support_y),
+        query_x: task.query_x.to_kind(kind),
+        query_y: y(&task.query_y),
     }
 }

@@ -112,6 +112,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let spec = ModelSpec::from_config(&config);
     let datasets = load_datasets(&config, args.data_dir.as_deref())?;
     let device = args.device;
+    let precision = config.algo.compute_dtype;
     let params: Vec<_> = params_from_flat(&spec.layout(), &spec.init_params(config.seed), Kind::Float)
         .into_iter()
         .map(|t| t.to_device(device))
@@ -132,7 +133,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let distribution = config.task.describe();
     if !args.json {
         println!(
-            "model {model} on {distribution}: {} parameters, inner steps {}, {} intra-op thread(s), {} tasks per round",
+            "model {model} on {distribution}: {} parameters, inner steps {}, {precision:?} on {device:?}, {} intra-op thread(s), {} tasks per round",
             spec.layout().numel(),
             inner.steps,
             args.threads,
@@ -149,12 +150,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         });
         let batched = measure(args.batch, args.seconds, device, || {
-            let out = meta_gradients(&spec, algo, &params, &batch, &inner);
+            let out = meta_gradients(&spec, algo, &params, &batch, &inner, precision);
             std::hint::black_box(out);
         });
         let ratio = batched.tasks_per_s / looped.tasks_per_s;
         let algo_name = algo.name();
-        let grads: Vec<Vec<f32>> = meta_gradients(&spec, algo, &params, &batch, &inner)
+        let grads: Vec<Vec<f32>> = meta_gradients(&spec, algo, &params, &batch, &inner, precision)
             .iter()
             .map(|o| o.meta_gradient.as_deref().map(flat_from_tensors).transpose())
             .collect::<Result<Option<Vec<_>>, _>>()?

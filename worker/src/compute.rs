@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use metatrain_common::config::Config;
-use metatrain_common::config::ModelKind;
+use metatrain_common::config::{ComputeDtype, ModelKind};
 use metatrain_common::layout::{ModelSpec, ParamLayout};
 use metatrain_common::protocol::{Assignment, Mode, TaskResult};
 use metatrain_common::task::{generate, Datasets};
@@ -151,7 +151,7 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
             clamp: algo.inner_grad_clamp,
         },
     };
-    let outputs = if batching_pays(&ctx.spec, device) {
+    let outputs = if batching_pays(&ctx.config, &ctx.spec, device) {
         let batch = match TaskBatch::stack(&rest) {
             Ok(batch) => batch,
             Err(e) => {
@@ -163,8 +163,8 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
             }
         };
         match mode {
-            Mode::Train => meta_gradients(&ctx.spec, algo.name, &params, &batch, &inner),
-            Mode::Eval => evaluate(&ctx.spec, &params, &batch, &inner),
+            Mode::Train => meta_gradients(&ctx.spec, algo.name, &params, &batch, &inner, algo.compute_dtype),
+            Mode::Eval => evaluate(&ctx.spec, &params, &batch, &inner, algo.compute_dtype),
         }
     } else {
         rest.iter()
@@ -186,8 +186,9 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
 }
 
 /// Whether tasks are computed as batches on `device` (see the module docs).
-fn batching_pays(spec: &ModelSpec, device: Device) -> bool {
-    !(spec.kind == ModelKind::Conv4 && device == Device::Cpu)
+fn batching_pays(config: &Config, spec: &ModelSpec, device: Device) -> bool {
+    // Mixed precision is implemented in the batched path only.
+    config.algo.compute_dtype == ComputeDtype::Bf16 || !(spec.kind == ModelKind::Conv4 && device == Device::Cpu)
 }
 
 fn flatten(output: &TaskOutput) -> Result<Vec<f32>, String> {

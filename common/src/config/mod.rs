@@ -197,11 +197,30 @@ pub struct AlgoConfig {
     pub inner_lr: f64,
     /// Each inner gradient is clamped elementwise to [−c, c]. Default 10; `inf` turns clamping off.
     pub inner_grad_clamp: f64,
+    /// Element type the workers compute in: `f32` (default) or `bf16` (mixed precision for GPUs with
+    /// bf16 units: parameters and data are cast to bf16 for the inner loop and the meta-gradient, which
+    /// is returned as f32). A run-wide setting, so every worker computes alike.
+    pub compute_dtype: ComputeDtype,
+}
+
+/// See [`AlgoConfig::compute_dtype`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
 }
 
 impl Default for AlgoConfig {
     fn default() -> Self {
-        AlgoConfig { name: AlgoKind::Maml, inner_steps: 1, inner_lr: 0.01, inner_grad_clamp: 10.0 }
+        AlgoConfig {
+            name: AlgoKind::Maml,
+            inner_steps: 1,
+            inner_lr: 0.01,
+            inner_grad_clamp: 10.0,
+            compute_dtype: ComputeDtype::F32,
+        }
     }
 }
 
