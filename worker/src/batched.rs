@@ -33,7 +33,7 @@ use tch::{Kind, Tensor};
 use thiserror::Error;
 
 use crate::algo::{InnerLoop, TaskOutput, TaskTensors};
-use crate::model::{TargetTensor, NORM_EPS};
+use crate::model::{batch_norm_relu, TargetTensor, NORM_EPS};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum BatchError {
@@ -206,18 +206,7 @@ fn conv4(params: &[Tensor], x: &Tensor, precision: ComputeDtype) -> Tensor {
             )
         }
         .to_kind(kind);
-        h = Tensor::batch_norm(
-            &h,
-            Some(&p[2].reshape([-1])),
-            Some(&p[3].reshape([-1])),
-            None::<&Tensor>,
-            None::<&Tensor>,
-            true,
-            0.0,
-            NORM_EPS,
-            false,
-        )
-        .relu();
+        h = batch_norm_relu(&h, &p[2].reshape([-1]), &p[3].reshape([-1]));
     }
     // [n, T·C, s, s] → [T, n, C·s·s], each task's features in the per-task model's flatten order.
     let features = h.reshape([n, tasks, -1]).transpose(0, 1);
@@ -318,7 +307,8 @@ pub fn meta_gradients(
     let second_order = matches!(algo, AlgoKind::Maml);
     let mut fast: Vec<Tensor> = theta.iter().map(|p| p.shallow_clone()).collect();
     for _ in 0..inner.steps {
-        let support_loss = losses(&forward(spec, &fast, &batch.support_x, precision), &batch.support_y).sum(fast[0].kind());
+        let support_loss =
+            losses(&forward(spec, &fast, &batch.support_x, precision), &batch.support_y).sum(fast[0].kind());
         let grads = Tensor::run_backward(&[&support_loss], &fast, second_order, second_order);
         fast = fast.iter().zip(grads).map(|(p, g)| p - clamp(g, inner.clamp) * inner.lr).collect();
     }
@@ -327,13 +317,23 @@ pub fn meta_gradients(
     let post_accuracies = tch::no_grad(|| accuracies(&out, &batch.query_y));
     let post_losses = values(&query_losses);
     let meta = Tensor::run_backward(&[&query_losses.sum(query_losses.kind())], &theta, false, false);
-    let per_task: Vec<Vec<Tensor>> = (0..tasks).map(|t| meta.iter().map(|g| g.get(t)).collect()).collect();
-    per_task
-        .into_iter()
-        .take(wanted)
-        .enumerate()
-        .map(|(t, meta_gradient)| TaskOutput {
-            meta_gradient: Some(meta_gradient),
+    let per_task = |t: i64| Some(meta.iter().map(|g| g.get(t)).collect());
+    outputs(wanted, (pre_losses, pre_accuracies), (post_losses, post_accuracies), per_task)
+}
+
+/// Per-task losses and accuracies of the batch (accuracy for classification only).
+type Figures = (Vec<f64>, Option<Vec<f64>>);
+
+/// The first `wanted` tasks' outputs (the rest are padding).
+fn outputs(
+    wanted: usize,
+    (pre_losses, pre_accuracies): Figures,
+    (post_losses, post_accuracies): Figures,
+    meta_gradient: impl Fn(i64) -> Option<Vec<Tensor>>,
+) -> Vec<TaskOutput> {
+    (0..wanted)
+        .map(|t| TaskOutput {
+            meta_gradient: meta_gradient(t as i64),
             pre_loss: pre_losses[t],
             post_loss: post_losses[t],
             pre_accuracy: pre_accuracies.as_ref().map(|a| a[t]),
@@ -362,9 +362,10 @@ pub fn evaluate(
             (values(&losses(&out, &batch.query_y)), accuracies(&out, &batch.query_y))
         })
     };
-    let (pre_losses, pre_accuracies) = measure(&fast);
+    let pre = measure(&fast);
     for _ in 0..inner.steps {
-        let support_loss = losses(&forward(spec, &fast, &batch.support_x, precision), &batch.support_y).sum(fast[0].kind());
+        let support_loss =
+            losses(&forward(spec, &fast, &batch.support_x, precision), &batch.support_y).sum(fast[0].kind());
         let grads = Tensor::run_backward(&[&support_loss], &fast, false, false);
         fast = fast
             .iter()
@@ -372,14 +373,6 @@ pub fn evaluate(
             .map(|(p, g)| (p - clamp(g, inner.clamp) * inner.lr).detach().set_requires_grad(true))
             .collect();
     }
-    let (post_losses, post_accuracies) = measure(&fast);
-    (0..wanted)
-        .map(|t| TaskOutput {
-            meta_gradient: None,
-            pre_loss: pre_losses[t],
-            post_loss: post_losses[t],
-            pre_accuracy: pre_accuracies.as_ref().map(|a| a[t]),
-            post_accuracy: post_accuracies.as_ref().map(|a| a[t]),
-        })
-        .collect()
+    let post = measure(&fast);
+    outputs(wanted, pre, post, |_| None)
 }

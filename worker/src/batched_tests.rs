@@ -89,7 +89,14 @@ fn batched_equals_per_task_loop_in_f32() {
     let theta: Vec<Tensor> = params(&spec, 7).iter().map(|p| p.to_kind(Kind::Float)).collect();
     let tasks: Vec<TaskTensors> = (0..4).map(|_| to_f32(&regression_task(2, 30, 20))).collect();
     let inner = InnerLoop { steps: 5, lr: 0.1, clamp: 10.0 };
-    let batched = meta_gradients(&spec, AlgoKind::Maml, &theta, &TaskBatch::stack(&tasks).expect("stack"), &inner, ComputeDtype::F32);
+    let batched = meta_gradients(
+        &spec,
+        AlgoKind::Maml,
+        &theta,
+        &TaskBatch::stack(&tasks).expect("stack"),
+        &inner,
+        ComputeDtype::F32,
+    );
     let worst = tasks
         .iter()
         .zip(&batched)
@@ -129,10 +136,17 @@ fn a_tasks_result_does_not_depend_on_its_batch() {
         let theta: Vec<Tensor> = params(&spec, 7).iter().map(|p| p.to_kind(Kind::Float)).collect();
         let tasks: Vec<TaskTensors> = (0..8).map(|_| make()).collect();
         let grads = |batch: &[TaskTensors]| -> Vec<Vec<f32>> {
-            meta_gradients(&spec, AlgoKind::Maml, &theta, &TaskBatch::stack(batch).expect("stack"), &inner, ComputeDtype::F32)
-                .iter()
-                .map(|o| crate::tensors::flat_from_tensors(o.meta_gradient.as_ref().expect("gradient")).expect("flat"))
-                .collect()
+            meta_gradients(
+                &spec,
+                AlgoKind::Maml,
+                &theta,
+                &TaskBatch::stack(batch).expect("stack"),
+                &inner,
+                ComputeDtype::F32,
+            )
+            .iter()
+            .map(|o| crate::tensors::flat_from_tensors(o.meta_gradient.as_ref().expect("gradient")).expect("flat"))
+            .collect()
         };
         let all = grads(&tasks);
         let alone = grads(&tasks[5..6]);
@@ -190,7 +204,8 @@ fn batched_evaluation_equals_per_task_evaluation() {
         let theta32: Vec<Tensor> = theta.iter().map(|p| p.to_kind(Kind::Float)).collect();
         let tasks32: Vec<TaskTensors> = tasks.iter().map(to_f32).collect();
         let all = evaluate(&spec, &theta32, &TaskBatch::stack(&tasks32).expect("stack"), &inner, ComputeDtype::F32);
-        let alone = evaluate(&spec, &theta32, &TaskBatch::stack(&tasks32[2..3]).expect("stack"), &inner, ComputeDtype::F32);
+        let alone =
+            evaluate(&spec, &theta32, &TaskBatch::stack(&tasks32[2..3]).expect("stack"), &inner, ComputeDtype::F32);
         assert_eq!((all[2].pre_loss, all[2].post_loss), (alone[0].pre_loss, alone[0].post_loss), "{:?}", spec.kind);
     }
 }
@@ -231,22 +246,41 @@ fn bf16_mixed_precision_against_f32() {
         let run = |precision| -> Vec<f32> {
             meta_gradients(&spec, AlgoKind::Maml, &theta, &batch, &inner, precision)
                 .iter()
-                .flat_map(|o| crate::tensors::flat_from_tensors(o.meta_gradient.as_ref().expect("gradient")).expect("flat"))
+                .flat_map(|o| {
+                    crate::tensors::flat_from_tensors(o.meta_gradient.as_ref().expect("gradient")).expect("flat")
+                })
                 .collect()
         };
         let (full, half) = (run(ComputeDtype::F32), run(ComputeDtype::Bf16));
         let diff: f64 = full.iter().zip(&half).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
         let norm: f64 = full.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
         let rel = diff / norm;
-        println!("{:?} MAML K={}: bf16 mixed precision vs f32 meta-gradient, relative L2 difference {rel:.2e}", spec.kind, inner.steps);
+        println!(
+            "{:?} MAML K={}: bf16 mixed precision vs f32 meta-gradient, relative L2 difference {rel:.2e}",
+            spec.kind, inner.steps
+        );
         assert!(half.iter().all(|v| v.is_finite()));
         // f32 against f64 on the same tasks: how sensitive this meta-gradient is to rounding at all.
         let theta64: Vec<Tensor> = theta.iter().map(|p| p.to_kind(Kind::Double)).collect();
         let tasks64: Vec<TaskTensors> = tasks.iter().map(|t| cast(t, Kind::Double)).collect();
-        let exact: Vec<f64> = meta_gradients(&spec, AlgoKind::Maml, &theta64, &TaskBatch::stack(&tasks64).expect("stack"), &inner, ComputeDtype::F32)
-            .iter()
-            .flat_map(|o| o.meta_gradient.as_ref().expect("gradient").iter().flat_map(|g| Vec::<f64>::try_from(g.flatten(0, -1)).expect("f64")).collect::<Vec<_>>())
-            .collect();
+        let exact: Vec<f64> = meta_gradients(
+            &spec,
+            AlgoKind::Maml,
+            &theta64,
+            &TaskBatch::stack(&tasks64).expect("stack"),
+            &inner,
+            ComputeDtype::F32,
+        )
+        .iter()
+        .flat_map(|o| {
+            o.meta_gradient
+                .as_ref()
+                .expect("gradient")
+                .iter()
+                .flat_map(|g| Vec::<f64>::try_from(g.flatten(0, -1)).expect("f64"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
         let e32: f64 = full.iter().zip(&exact).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>().sqrt() / norm;
         println!("   (f32 vs f64: {e32:.2e})");
         // Sound where the inner loop is one step of an MLP (measured ~1%); deeper second-order loops and

@@ -37,23 +37,17 @@ pub fn forward(spec: &ModelSpec, params: &[Tensor], x: &Tensor) -> Tensor {
             let mut h = x.reshape([n, 1, side, side]);
             for block in 0..4 {
                 let p = &params[4 * block..4 * block + 4];
-                h = h.conv2d(&p[0], Some(&p[1]), [2, 2], [1, 1], [1, 1], 1);
-                h = Tensor::batch_norm(
-                    &h,
-                    Some(&p[2]),
-                    Some(&p[3]),
-                    None::<&Tensor>,
-                    None::<&Tensor>,
-                    true,
-                    0.0,
-                    NORM_EPS,
-                    false,
-                )
-                .relu();
+                h = batch_norm_relu(&h.conv2d(&p[0], Some(&p[1]), [2, 2], [1, 1], [1, 1], 1), &p[2], &p[3]);
             }
             h.flatten(1, -1).linear(&params[16], Some(&params[17]))
         }
     }
+}
+
+/// Batch norm with the statistics of `h` itself (no running statistics), per-channel scale and shift,
+/// then ReLU: conv4's block ending, for one task (`[n, C, H, W]`) or for tasks as channel groups.
+pub fn batch_norm_relu(h: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+    Tensor::batch_norm(h, Some(weight), Some(bias), None::<&Tensor>, None::<&Tensor>, true, 0.0, NORM_EPS, false).relu()
 }
 
 /// Targets as tensors: regression values `[n, 1]` or class labels `[n]` (int64).
