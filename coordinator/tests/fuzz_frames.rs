@@ -8,12 +8,12 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metatrain_common::net::DecodedFrame;
 use metatrain_common::protocol::{
     decode_frame, encode_frame, Assignment, Hello, Limits, Message, Mode, TaskResult, Welcome, PROTOCOL_VERSION,
 };
 use metatrain_common::rng::keyed_rng;
 use metatrain_common::task::{Split, TaskSpec};
-use metatrain_common::net::DecodedFrame;
 use metatrain_common::tensor::{encode_f32, Decoder, Dtype, TensorError};
 use metatrain_coordinator::aggregate::{validate, validate_decoded};
 use metatrain_coordinator::scheduler::{Scheduler, Verdict};
