@@ -199,7 +199,7 @@ pub enum ProtocolError {
     PayloadTooLarge { got: u64, limit: u64 },
     #[error("frame header does not decode: {0}")]
     Decode(String),
-    #[error("{kind} header declares a {declared:?}-byte payload but {actual} bytes follow")]
+    #[error("{kind} header declares {} but {actual} bytes follow", declared_payload(.declared))]
     PayloadMismatch { kind: &'static str, declared: Option<u64>, actual: u64 },
     #[error("invalid message: {0}")]
     Invalid(String),
@@ -207,6 +207,14 @@ pub enum ProtocolError {
     Truncated { needed: u64, have: u64 },
     #[error("cannot encode message: {0}")]
     Encode(String),
+}
+
+/// `PayloadMismatch`'s declared length in words.
+fn declared_payload(declared: &Option<u64>) -> String {
+    match declared {
+        Some(n) => format!("a {n}-byte payload"),
+        None => "a payload too large to count".into(),
+    }
 }
 
 fn bincode_config() -> impl bincode::config::Config {

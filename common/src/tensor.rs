@@ -148,6 +148,8 @@ pub struct Decoder {
     /// Bytes of an element split across chunks.
     carry: [u8; 4],
     carry_len: usize,
+    /// Values pushed so far, kept or not (more than `expected` is refused by `finish`).
+    seen: usize,
     error: Option<TensorError>,
 }
 
@@ -172,6 +174,7 @@ impl Decoder {
             out: Vec::with_capacity(expected.min(DECODE_PREALLOC)),
             carry: [0; 4],
             carry_len: 0,
+            seen: 0,
             error: None,
         })
     }
@@ -201,6 +204,7 @@ impl Decoder {
     }
 
     fn value(&mut self, chunk: &[u8]) {
+        self.seen = self.seen.saturating_add(1);
         if self.error.is_some() {
             return;
         }
@@ -222,8 +226,8 @@ impl Decoder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        if self.out.len() != self.expected || self.carry_len != 0 {
-            return Err(TensorError::WrongLength { expected: self.expected, got: self.out.len() });
+        if self.seen != self.expected || self.carry_len != 0 {
+            return Err(TensorError::WrongLength { expected: self.expected, got: self.seen });
         }
         Ok(self.out)
     }
@@ -244,6 +248,17 @@ mod tests {
         assert!(matches!(decode_f32(&bad, Dtype::F32, 2), Err(TensorError::NonFinite { index: 1, .. })));
         let inf = encode_f32(&[f32::NEG_INFINITY]);
         assert!(matches!(decode_f32(&inf, Dtype::F32, 1), Err(TensorError::NonFinite { index: 0, .. })));
+    }
+
+    #[test]
+    fn more_or_fewer_bytes_than_announced_are_refused() {
+        let b = encode_f32(&[1.0, 2.0, 3.0]);
+        let mut d = Decoder::new(Dtype::F32, 2, 8).unwrap();
+        d.push(&b);
+        assert_eq!(d.finish(), Err(TensorError::WrongLength { expected: 2, got: 3 }));
+        let mut d = Decoder::new(Dtype::F32, 2, 8).unwrap();
+        d.push(&b[..6]);
+        assert_eq!(d.finish(), Err(TensorError::WrongLength { expected: 2, got: 1 }));
     }
 
     /// Chunks split anywhere (inside elements too) decode exactly as the whole payload does.

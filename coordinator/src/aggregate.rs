@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use metatrain_common::config::DefenceConfig;
 use metatrain_common::protocol::{Mode, TaskResult};
-use metatrain_common::tensor::{decode_f32, TensorError};
+use metatrain_common::tensor::{decode_f32, Dtype, TensorError};
 use thiserror::Error;
 
 use crate::defence::{self, Score, TaskStats, Window};
@@ -49,6 +49,8 @@ pub enum Rejection {
     UnexpectedGradient,
     #[error("a result claiming another parameter version or mode than its task was assigned in")]
     WrongVersionOrMode,
+    #[error("a gradient sent as {got:?} where cluster.grad_dtype is {want:?}")]
+    WrongDtype { got: Dtype, want: Dtype },
 }
 
 impl Rejection {
@@ -64,7 +66,14 @@ impl Rejection {
             Rejection::MissingGradient => "missing_gradient",
             Rejection::UnexpectedGradient => "unexpected_gradient",
             Rejection::WrongVersionOrMode => "wrong_version_or_mode",
+            Rejection::WrongDtype { .. } => "wrong_dtype",
         }
+    }
+
+    /// Whether the result says the *task* cannot be computed (non-finite numbers: diverged training)
+    /// rather than that the worker breaks the protocol.
+    pub fn is_task_failure(&self) -> bool {
+        matches!(self, Rejection::NonFiniteLoss | Rejection::Gradient(TensorError::NonFinite { .. }))
     }
 }
 
@@ -73,6 +82,16 @@ impl Rejection {
 pub fn validate(result: &TaskResult, payload: &[u8], numel: usize) -> Result<TaskOutcome, Rejection> {
     let gradient = (!payload.is_empty()).then(|| decode_f32(payload, result.grad_dtype, numel));
     validate_decoded(result, gradient)
+}
+
+/// Checks that a result's gradient travels as the run's `cluster.grad_dtype` (`want`): a worker is told
+/// the dtype in `Welcome`, so another one is a broken or hostile worker, and a lower precision than the
+/// run asked for must not slip into the mean.
+pub fn check_wire_dtype(result: &TaskResult, want: Dtype) -> Result<(), Rejection> {
+    if result.grad_len > 0 && result.grad_dtype != want {
+        return Err(Rejection::WrongDtype { got: result.grad_dtype, want });
+    }
+    Ok(())
 }
 
 /// [`validate`] for a gradient already decoded as it arrived (`None`: the result carried no payload).
@@ -353,6 +372,22 @@ mod tests {
             bad.difficulty = d;
             assert_eq!(r(validate(&with_mode(bad, Mode::Train), &g, 2)), "bad_difficulty");
         }
+    }
+
+    #[test]
+    fn a_gradient_in_another_dtype_than_the_runs_is_refused_and_is_not_a_task_failure() {
+        let mut bf16 = result(1.0, 0.5, 2);
+        bf16.grad_dtype = Dtype::Bf16;
+        assert!(check_wire_dtype(&bf16, Dtype::Bf16).is_ok());
+        let why = check_wire_dtype(&bf16, Dtype::F32).unwrap_err();
+        assert_eq!(why.reason(), "wrong_dtype");
+        assert!(!why.is_task_failure());
+        // An evaluation result carries no gradient: its dtype field is not checked.
+        let mut eval = with_mode(result(1.0, 0.5, 0), Mode::Eval);
+        eval.grad_dtype = Dtype::F16;
+        assert!(check_wire_dtype(&eval, Dtype::F32).is_ok());
+        let nan = validate(&result(f32::NAN, 0.5, 2), &encode_f32(&[1.0, 2.0]), 2).unwrap_err();
+        assert!(nan.is_task_failure());
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub fn describe() {
 pub const REJECTION_REASONS: &[&str] = &[
     "not_assigned",
     "wrong_version_or_mode",
+    "wrong_dtype",
     "non_finite_gradient",
     "wrong_shape",
     "non_finite_loss",
@@ -165,6 +166,7 @@ mod tests {
             Rejection::MissingGradient,
             Rejection::UnexpectedGradient,
             Rejection::WrongVersionOrMode,
+            Rejection::WrongDtype { got: Dtype::Bf16, want: Dtype::F32 },
         ];
         for r in all {
             // A new variant must be added here (the match is exhaustive) and to REJECTION_REASONS.
@@ -176,7 +178,8 @@ mod tests {
                 | Rejection::Gradient(_)
                 | Rejection::MissingGradient
                 | Rejection::UnexpectedGradient
-                | Rejection::WrongVersionOrMode => {}
+                | Rejection::WrongVersionOrMode
+                | Rejection::WrongDtype { .. } => {}
             }
             assert!(REJECTION_REASONS.contains(&r.reason()), "{} missing", r.reason());
         }

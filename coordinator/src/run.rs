@@ -51,8 +51,8 @@ const NO_WORKER_WARNING: Duration = Duration::from_secs(10);
 pub enum RunError {
     #[error("interrupted")]
     Interrupted,
-    #[error("task {id} (step {step}, index {index}) failed on {workers} different workers, last: {reason} (diverged? lower train.meta_lr or algo.inner_lr)")]
-    TaskKeepsFailing { id: TaskId, step: u64, index: u32, workers: usize, reason: String },
+    #[error("task {id} (step {step}, index {index}) failed on {workers} different workers ({reasons}); diverged? lower train.meta_lr or algo.inner_lr")]
+    TaskKeepsFailing { id: TaskId, step: u64, index: u32, workers: usize, reasons: String },
     #[error("all {0} local workers exited and no other worker is connected; see their messages above{1}")]
     LocalWorkersGone(usize, String),
     #[error("the server stopped")]
@@ -90,7 +90,7 @@ pub struct Trainer {
     /// Distinct worker names seen, up to [`MAX_TASK_FAILURES`] (all that the failure limit needs).
     names_seen: BTreeSet<String>,
     /// Names of the workers on which each task failed or had its result refused.
-    failures: HashMap<TaskId, BTreeSet<String>>,
+    failures: HashMap<TaskId, BTreeMap<String, String>>,
     quarantine: Arc<Quarantine>,
     last_rejection: Option<String>,
     /// Worker names in use as metrics labels.
@@ -465,7 +465,7 @@ impl Trainer {
                         self.reject(rejection.reason());
                         self.last_rejection = Some(rejection.to_string());
                         tracing::warn!("worker {worker}: refused result for task {}: {rejection}", result.id);
-                        if self.scheduler.in_batch(result.id) {
+                        if rejection.is_task_failure() && self.scheduler.in_batch(result.id) {
                             self.count_failure(worker, result.id, by_id, rejection.to_string())?;
                         }
                         self.strike(worker, &rejection.to_string());
@@ -492,7 +492,6 @@ impl Trainer {
                         self.reject(why.reason());
                         self.last_rejection = Some(why.to_string());
                         tracing::warn!("worker {worker}: refused result for task {}: {why}", result.id);
-                        self.count_failure(worker, result.id, by_id, why.to_string())?;
                         self.strike(worker, &why.to_string());
                     }
                     // Checked above.
@@ -552,9 +551,11 @@ impl Trainer {
         let _ = w.outbox.send(Outbound::Disconnect(reason));
     }
 
-    /// Records that `worker` could not produce a usable result for `id`. A task that fails on several
-    /// different workers fails deterministically (diverged training, missing data): the run stops with
-    /// the reason rather than retrying forever.
+    /// Records that `worker` could not compute `id`: it reported a failure, or returned non-finite
+    /// numbers. A task that fails on several different workers fails deterministically (diverged
+    /// training, missing data): the run stops with each worker's reason rather than retrying forever.
+    /// Protocol violations (wrong shape, version or dtype) are not counted here: they say the worker is
+    /// bad, not the task, and [`Self::strike`] deals with them.
     fn count_failure(
         &mut self,
         worker: WorkerId,
@@ -566,13 +567,14 @@ impl Trainer {
         let Some(name) = self.workers.get(&worker).map(|w| w.name.clone()) else { return Ok(()) };
         let Some(spec) = by_id.get(&id).copied() else { return Ok(()) };
         let failed_on = self.failures.entry(id).or_default();
-        failed_on.insert(name);
+        failed_on.insert(name, reason);
         // Two distinct workers suffice when the run has only had two; a lone worker is never enough to
         // call a failure deterministic (it is quarantined instead, see `strike`).
         let limit = self.names_seen.len().clamp(2, MAX_TASK_FAILURES);
         if failed_on.len() >= limit {
             let workers = failed_on.len();
-            return Err(RunError::TaskKeepsFailing { id, step: spec.step, index: spec.index, workers, reason });
+            let reasons = failed_on.iter().map(|(name, why)| format!("{name}: {why}")).collect::<Vec<_>>().join("; ");
+            return Err(RunError::TaskKeepsFailing { id, step: spec.step, index: spec.index, workers, reasons });
         }
         Ok(())
     }

@@ -353,16 +353,21 @@ impl Scheduler {
     }
 
     /// With the queue empty, gives each worker with a free slot a copy of the oldest straggler it does not
-    /// already hold.
+    /// already hold. Suspects ([`Self::suspects`]) get no copies while some worker is not one: a copy on a
+    /// probably dead worker would only use up one of the task's [`MAX_COPIES`].
     fn duplicate_stragglers(&mut self, now: Instant) -> Vec<Action> {
         if !self.queue.is_empty() {
             return Vec::new();
         }
         let threshold = self.straggler_threshold();
+        let mut suspects = self.suspects(now);
+        if suspects.len() == self.workers.len() {
+            suspects.clear(); // nobody looks healthy: use everyone
+        }
         let mut actions = Vec::new();
         for (&wid, w) in self.workers.iter_mut() {
             let free = w.limit.saturating_sub(w.in_flight.len());
-            if free == 0 {
+            if free == 0 || suspects.contains(&wid) {
                 continue;
             }
             // Oldest first, as many as the worker has room for: it computes them as one batch.
@@ -726,6 +731,28 @@ mod tests {
         let a = s.worker_left(1, t0 + ms(1200));
         assert_eq!(assigned(&a, 2), vec![0]);
         assert_eq!(s.stats.reassigned, 1);
+    }
+
+    #[test]
+    fn a_suspect_gets_no_copies_while_a_healthy_worker_can_take_them() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Scheduler::new(Duration::from_secs(60));
+        s.worker_joined(1, 2, t0);
+        s.worker_joined(2, 2, t0);
+        s.start_batch(0, batch(0, 4, 0), t0);
+        // Worker 2 answers task 2 quickly (latency 100 ms) and stalls on task 3; worker 1 stalls on both.
+        s.result(2, 2, 0, Mode::Train, t0 + ms(100));
+        s.worker_joined(3, 1, t0 + ms(100));
+        // At 1 s every holder is overdue: workers 1 and 2 are suspects, the newcomer 3 is not. Only worker
+        // 3 gets a copy (the oldest straggler), although worker 2 has a free slot too.
+        let a = s.tick(t0 + ms(1000));
+        assert!(assigned(&a, 2).is_empty(), "a suspect takes no copy");
+        assert_eq!(assigned(&a, 3), vec![0]);
+        // When every worker is a suspect (worker 3 now too), copies go to whoever has room: worker 2 takes
+        // task 1 (task 0 already runs twice, task 3 is its own).
+        let a = s.tick(t0 + ms(5000));
+        assert_eq!(assigned(&a, 2), vec![1]);
     }
 
     #[test]

@@ -264,6 +264,7 @@ pub(crate) fn start_server(
         config_toml: config.to_toml(),
         layout_fingerprint: layout.fingerprint(),
         numel: layout.numel(),
+        grad_dtype: config.cluster.grad_dtype,
         next_worker: AtomicU64::new(1),
         quarantine: quarantine.clone(),
         names: Arc::default(),

@@ -81,6 +81,7 @@ fn frames_and_message_handling_never_panic() {
         config_toml: String::new(),
         layout_fingerprint: String::new(),
         numel: NUMEL,
+        grad_dtype: Dtype::F32,
         next_worker: AtomicU64::new(1),
         quarantine: Arc::new(Quarantine::default()),
         names: Arc::default(),

@@ -11,7 +11,7 @@ use metatrain_common::net::{
     client_endpoint, install_crypto_provider, read_frame, server_name, write_frame, Identity, ServerTrust,
 };
 use metatrain_common::protocol::{Assignment, Hello, Limits, Message, TaskResult, PROTOCOL_VERSION};
-use metatrain_common::tensor::{encode_f32, Dtype};
+use metatrain_common::tensor::{encode, encode_f32, Dtype};
 use metatrain_tests::*;
 
 const STEPS: u32 = 20;
@@ -199,9 +199,10 @@ fn a_stream_flood_is_bounded_and_the_run_goes_on() {
     assert!(during < before + 100_000, "memory grew from {before} to {during} KiB under the flood");
 }
 
-/// Joins, sends one NaN gradient for the first task it is given, and leaves. Returns `Some(reason)` if
-/// the coordinator closed the connection (e.g. quarantine) instead.
-async fn one_bad_result(addr: SocketAddr, fingerprint: &str, identity: &Identity) -> Option<String> {
+/// Joins, sends one bad gradient for the first task it is given, and leaves: with a NaN, or (`bf16`)
+/// finite and well shaped but as bf16 where the run says f32. Returns `Some(reason)` if the coordinator
+/// closed the connection (e.g. quarantine) instead.
+async fn one_bad_result(addr: SocketAddr, fingerprint: &str, identity: &Identity, bf16: bool) -> Option<String> {
     let (endpoint, conn, _send, mut recv) = say_hello(addr, fingerprint, identity, "flaky", 1).await;
     let mut numel = 0;
     while let Ok(Some(frame)) = read_frame(&mut recv, &Limits::with_payload(1 << 24)).await {
@@ -209,9 +210,15 @@ async fn one_bad_result(addr: SocketAddr, fingerprint: &str, identity: &Identity
             Message::Params { len, .. } => numel = len as usize,
             Message::Assign { tasks } => {
                 let mut grad = vec![0.01f32; numel];
-                grad[0] = f32::NAN;
+                let mut result = result_for(&tasks[0], numel);
+                if bf16 {
+                    result.grad_dtype = Dtype::Bf16;
+                } else {
+                    grad[0] = f32::NAN;
+                }
+                let payload = encode(&grad, result.grad_dtype);
                 let mut s = conn.open_uni().await.expect("uni");
-                write_frame(&mut s, &Message::Result(result_for(&tasks[0], numel)), &encode_f32(&grad)).await.ok();
+                write_frame(&mut s, &Message::Result(result), &payload).await.ok();
                 let _ = s.finish();
                 break;
             }
@@ -230,14 +237,18 @@ fn strikes_follow_the_worker_name_across_reconnects() {
     install_crypto_provider();
     let dir = scratch("hostile-reconnect");
     let mut coord = Proc::spawn(&mut coordinator(&dir.join("run"), 0), "coordinator");
+    let metrics = coord.wait_for(Duration::from_secs(30), metrics_address);
     let (addr, fp) = coord.wait_for(Duration::from_secs(30), coordinator_address);
     let identity = issued_identity(&dir.join("run/tls"), "flaky");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let addr: SocketAddr = addr.parse().expect("addr");
-    assert_eq!(rt.block_on(one_bad_result(addr, &fp, &identity)), None, "one strike: not yet closed");
-    assert_eq!(rt.block_on(one_bad_result(addr, &fp, &identity)), None, "two strikes: not yet closed");
-    let third = rt.block_on(one_bad_result(addr, &fp, &identity));
+    assert_eq!(rt.block_on(one_bad_result(addr, &fp, &identity, false)), None, "one strike: not yet closed");
+    assert_eq!(rt.block_on(one_bad_result(addr, &fp, &identity, true)), None, "two strikes: not yet closed");
+    let third = rt.block_on(one_bad_result(addr, &fp, &identity, false));
     assert!(third.as_deref().is_some_and(|r| r.contains("quarantined")), "the third strike quarantines: {third:?}");
+    let text = scrape(&metrics);
+    assert_eq!(counter(&text, "metatrain_results_rejected_total{reason=\"wrong_dtype\"}"), 1.0, "{text}");
+    assert_eq!(counter(&text, "metatrain_results_rejected_total{reason=\"non_finite_gradient\"}"), 2.0, "{text}");
 }
 
 /// Joins and answers the first task with a result frame whose payload is one value longer than the

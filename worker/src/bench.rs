@@ -27,6 +27,7 @@ use crate::algo::{meta_gradient, InnerLoop, TaskTensors};
 use crate::batched::{meta_gradients, TaskBatch};
 use crate::data::load_datasets;
 use crate::tensors::{flat_from_tensors, params_from_flat, task_tensors};
+use crate::MAX_THREADS;
 use metatrain_common::tensor::{decode_f32, encode, max_relative_rounding, Dtype};
 
 #[derive(Args, Debug)]
@@ -94,8 +95,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !(args.seconds > 0.0 && args.seconds <= MAX_SECONDS) {
         bail!("--seconds must be in (0, {MAX_SECONDS}], got {}", args.seconds);
     }
-    if args.threads == 0 {
-        bail!("--threads must be at least 1");
+    if !(1..=MAX_THREADS).contains(&args.threads) {
+        bail!("--threads must be in 1..={MAX_THREADS}, got {}", args.threads);
     }
     let algos = match args.algo.as_str() {
         "maml" => vec![AlgoKind::Maml],

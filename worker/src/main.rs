@@ -125,6 +125,9 @@ pub(crate) fn parse_device(s: &str) -> Result<Device, String> {
 /// Default `--batch`: the sinusoid MLP reaches 8× the per-task loop's tasks/s at 32 tasks on one core
 /// (`metatrain-worker bench`), and a meta-batch of 25–32 then fits in one batch per worker.
 const DEFAULT_BATCH: usize = 32;
+/// Most libtorch intra-op threads `--threads` accepts (worker and bench).
+const MAX_THREADS: usize = 1024;
+
 /// Largest `--batch` (and the most tasks a worker may claim at once, over all its threads).
 const MAX_BATCH: usize = 256;
 const MAX_TASKS_AT_ONCE: usize = 4096;
@@ -191,8 +194,8 @@ fn run(args: RunArgs) -> Result<()> {
             args.batch
         );
     }
-    if args.threads == 0 || args.threads > 1024 {
-        bail!("--threads must be in 1..=1024, got {}", args.threads);
+    if !(1..=MAX_THREADS).contains(&args.threads) {
+        bail!("--threads must be in 1..={MAX_THREADS}, got {}", args.threads);
     }
     check_devices(&args.device)?;
     if args.connect_timeout > MAX_CONNECT_TIMEOUT_SECS {

@@ -286,7 +286,8 @@ pub struct ClusterConfig {
     /// A task not returned this many seconds after assignment is reassigned. Default 120.
     pub task_timeout_secs: f64,
     /// Element type of meta-gradients on the wire: `f32` (default, exact), `bf16` or `f16` (half the
-    /// bytes; rounding error at most 2^-8 resp. 2^-11 relative per element, f16 saturating at 65504).
+    /// bytes; rounding error at most 2^-8 resp. 2^-11 relative per element in f16's normal range, f16
+    /// flushing magnitudes below about 6e-8 to 0 and saturating at 65504).
     /// Parameters always travel as f32.
     pub grad_dtype: crate::tensor::Dtype,
 }
@@ -325,6 +326,8 @@ pub const MAX_TASK_TIMEOUT_SECS: f64 = 1e6;
 /// Config keys that may change when a run is resumed: they do not change the parameters' trajectory.
 /// (With an adaptive curriculum the periodic evaluations do, and only `eval.final_tasks` may change.)
 pub const RESUMABLE_PREFIXES: &[&str] = &["train.steps", "eval.", "cluster.", "checkpoint."];
+/// Keys under [`RESUMABLE_PREFIXES`] that do change the trajectory: the gradients' wire precision.
+pub const NOT_RESUMABLE: &[&str] = &["cluster.grad_dtype"];
 
 impl Config {
     /// Keys whose values differ between `self` (e.g. a checkpoint's config) and `other` and that a resumed
@@ -336,7 +339,9 @@ impl Config {
         let adaptive = [self, other].iter().any(|c| c.curriculum.schedule == Schedule::Adaptive);
         let steers = |k: &str| adaptive && k.starts_with("eval.") && k != "eval.final_tasks";
         keys.into_iter()
-            .filter(|k| steers(k) || !RESUMABLE_PREFIXES.iter().any(|p| k.starts_with(p)))
+            .filter(|k| {
+                steers(k) || NOT_RESUMABLE.contains(&k.as_str()) || !RESUMABLE_PREFIXES.iter().any(|p| k.starts_with(p))
+            })
             .filter(|k| a.get(*k) != b.get(*k))
             .map(|k| {
                 let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
@@ -611,11 +616,16 @@ mod tests {
         b.train.steps = 99_999;
         b.eval.every = 7;
         b.checkpoint.every = 3;
+        b.cluster.task_timeout_secs = 30.0;
         assert!(a.resume_conflicts(&b).is_empty());
         b.train.meta_lr = 0.5;
         b.algo.name = AlgoKind::Fomaml;
+        b.cluster.grad_dtype = crate::tensor::Dtype::Bf16;
+        b.algo.compute_dtype = ComputeDtype::Bf16;
         let c = a.resume_conflicts(&b);
-        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!(c.len(), 4, "{c:?}");
+        assert!(c.iter().any(|l| l.starts_with("cluster.grad_dtype")), "{c:?}");
+        assert!(c.iter().any(|l| l.starts_with("algo.compute_dtype")), "{c:?}");
         assert!(c.iter().any(|l| l.starts_with("train.meta_lr: 0.001 in the checkpoint, 0.5 now")), "{c:?}");
         assert!(c.iter().any(|l| l.starts_with("algo.name")), "{c:?}");
     }

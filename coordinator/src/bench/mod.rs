@@ -39,6 +39,10 @@ use plan::{Limits, Size};
 const MAX_WORKERS: usize = 1000;
 /// Most tasks a simulated worker holds: a worker may have 64 result streams open at once.
 const MAX_TASKS_PER_WORKER: usize = 64;
+/// Most measured (or warm-up) meta-steps per case.
+const MAX_STEPS: u64 = 1_000_000;
+/// Largest `--recv-buffer-kib`: the kernel takes the size as an `int` (bytes), and Linux doubles it.
+const MAX_RECV_BUFFER_KIB: usize = 1 << 20;
 /// Without `--max-memory-gb`, cases may use this share of the memory available at start.
 const MEMORY_SHARE: f64 = 0.6;
 /// Assumed available memory where /proc/meminfo cannot be read.
@@ -183,8 +187,14 @@ fn check(args: &CoordinatorArgs) -> Result<(), BenchError> {
     if !(1..=MAX_TASKS_PER_WORKER).contains(&args.tasks_per_worker) {
         return bad(format!("--tasks-per-worker must be in 1..={MAX_TASKS_PER_WORKER}, got {}", args.tasks_per_worker));
     }
-    if args.steps == Some(0) {
-        return bad("--steps must be at least 1".into());
+    if args.steps.is_some_and(|s| !(1..=MAX_STEPS).contains(&s)) {
+        return bad(format!("--steps must be in 1..={MAX_STEPS}"));
+    }
+    if args.warmup > MAX_STEPS {
+        return bad(format!("--warmup must be in 0..={MAX_STEPS}"));
+    }
+    if args.recv_buffer_kib.is_some_and(|k| k > MAX_RECV_BUFFER_KIB) {
+        return bad(format!("--recv-buffer-kib must be in 0..={MAX_RECV_BUFFER_KIB}"));
     }
     if !(args.min_seconds.is_finite() && (0.0..=3600.0).contains(&args.min_seconds)) {
         return bad(format!("--min-seconds must be in 0..=3600, got {}", args.min_seconds));

@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use metatrain_common::protocol::{Assignment, TaskId, TaskResult};
+use metatrain_common::tensor::Dtype;
 use tokio::sync::mpsc;
 
 use crate::aggregate::{Rejection, TaskOutcome};
@@ -152,6 +153,8 @@ pub struct ServerContext {
     pub layout_fingerprint: String,
     /// Scalars in the parameter layout (bounds result payloads).
     pub numel: usize,
+    /// `cluster.grad_dtype`: results whose gradient travels as another dtype are refused.
+    pub grad_dtype: Dtype,
     pub next_worker: AtomicU64,
     pub quarantine: Arc<Quarantine>,
     pub names: Arc<NameSlots>,

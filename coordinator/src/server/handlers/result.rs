@@ -1,4 +1,4 @@
-//! `Result`: validate the header and the gradient (decoded while it arrived: shape, dtype, finiteness)
+//! `Result`: validate the header and the gradient (decoded while it arrived: shape, wire dtype, finiteness)
 //! here, on the connection's task, then hand the verdict to the training loop, which checks id, version
 //! and mode.
 
@@ -6,7 +6,7 @@ use metatrain_common::protocol::TaskResult;
 use metatrain_common::tensor::TensorError;
 
 use super::HandlerError;
-use crate::aggregate::validate_decoded;
+use crate::aggregate::{check_wire_dtype, validate_decoded};
 use crate::server::{Event, ServerContext};
 
 pub async fn handle(
@@ -15,7 +15,7 @@ pub async fn handle(
     result: TaskResult,
     gradient: Option<Result<Vec<f32>, TensorError>>,
 ) -> Result<(), HandlerError> {
-    let outcome = validate_decoded(&result, gradient);
+    let outcome = check_wire_dtype(&result, ctx.grad_dtype).and_then(|()| validate_decoded(&result, gradient));
     let event = Event::Result { worker, result, outcome };
     ctx.events.send(event).await.map_err(|_| HandlerError::Shutdown)
 }
