@@ -1,14 +1,15 @@
 //! Parameter layouts: which named tensors a model has, their shapes, and their order on the wire.
 //!
 //! Parameters travel and are stored as one flat `f32` vector, tensors concatenated in layout order. Both
-//! sides build the layout from the run's config with [`ModelSpec::layout`]; a payload is checked against it
-//! before use ([`crate::tensor`]). Initial parameters are a pure function of (model spec, seed) so that
+//! sides build the layout from the run's config with [`meta_layout`] (the model's [`ModelSpec::layout`],
+//! then any meta-parameters the algorithm adds); a payload is checked against it before use
+//! ([`crate::tensor`]). Initial parameters are a pure function of (model spec, seed) so that
 //! the coordinator makes them without libtorch, identically on every machine.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, ModelKind, TaskConfig};
+use crate::config::{AlgoConfig, Config, ModelKind, TaskConfig};
 use crate::rng::{keyed_rng, uniform};
 
 /// One named tensor of a model.
@@ -185,6 +186,33 @@ impl ModelSpec {
     }
 }
 
+/// Name prefix of Meta-SGD's learned inner learning rates: `inner_lr.<parameter>`, shaped like it.
+pub const LEARNED_LR_PREFIX: &str = "inner_lr.";
+
+/// The meta-parameters a run learns: the model's parameters, then (Meta-SGD) one learned inner learning
+/// rate per model parameter entry, in the same order.
+pub fn meta_layout(spec: &ModelSpec, algo: &AlgoConfig) -> ParamLayout {
+    let mut layout = spec.layout();
+    if algo.name.learns_inner_lr() {
+        let rates: Vec<ParamSpec> = layout
+            .params
+            .iter()
+            .map(|p| ParamSpec { name: format!("{LEARNED_LR_PREFIX}{}", p.name), shape: p.shape.clone() })
+            .collect();
+        layout.params.extend(rates);
+    }
+    layout
+}
+
+/// Initial meta-parameters: [`ModelSpec::init_params`], then (Meta-SGD) every rate at `algo.inner_lr`.
+pub fn meta_init(spec: &ModelSpec, algo: &AlgoConfig, seed: u64) -> Vec<f32> {
+    let mut params = spec.init_params(seed);
+    if algo.name.learns_inner_lr() {
+        params.extend(std::iter::repeat_n(algo.inner_lr as f32, params.len()));
+    }
+    params
+}
+
 /// PyTorch's fan computation: dims 0 and 1 times the receptive field.
 fn fans(shape: &[usize]) -> (usize, usize) {
     if shape.len() < 2 {
@@ -258,6 +286,24 @@ mod tests {
         assert!(a[r[1].0..r[1].0 + r[1].1].iter().all(|v| *v == 0.0));
         assert!(a[r[2].0..r[2].0 + r[2].1].iter().all(|v| *v == 1.0));
         assert!(a[r[3].0..r[3].0 + r[3].1].iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn meta_sgd_adds_one_rate_per_parameter_at_the_inner_lr() {
+        use crate::config::AlgoKind;
+        let s = spec(ModelKind::Mlp, 1, 1);
+        let mut algo = AlgoConfig { inner_lr: 0.03, ..AlgoConfig::default() };
+        assert_eq!(meta_layout(&s, &algo), s.layout());
+        assert_eq!(meta_init(&s, &algo, 7), s.init_params(7));
+        algo.name = AlgoKind::MetaSgd;
+        let l = meta_layout(&s, &algo);
+        assert_eq!(l.numel(), 2 * s.layout().numel());
+        assert_eq!(l.params[6].name, "inner_lr.layer1.weight");
+        assert_eq!(l.params[6].shape, l.params[0].shape);
+        let init = meta_init(&s, &algo, 7);
+        let n = s.layout().numel();
+        assert_eq!(init[..n], s.init_params(7)[..]);
+        assert!(init[n..].iter().all(|v| *v == 0.03f32));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metatrain_common::config::Config;
-use metatrain_common::layout::{ModelSpec, ParamLayout};
+use metatrain_common::layout::{meta_init, meta_layout, ModelSpec, ParamLayout};
 use metatrain_common::protocol::{Assignment, Mode, TaskId, MAX_TASKS_PER_ASSIGN};
 use metatrain_common::task::TaskSpec;
 use metatrain_common::tensor::encode_f32;
@@ -161,8 +161,8 @@ impl Trainer {
         quarantine: Arc<Quarantine>,
     ) -> Self {
         let spec = ModelSpec::from_config(&config);
-        let layout = spec.layout();
-        let params = spec.init_params(config.seed);
+        let layout = meta_layout(&spec, &config.algo);
+        let params = meta_init(&spec, &config.algo, config.seed);
         Self::with_model(config, layout, params, events, local, quarantine)
     }
 

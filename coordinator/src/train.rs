@@ -312,7 +312,8 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
     }
     let endpoint = server_endpoint(args.listen, &tls, mutual).map_err(anyhow::Error::msg)?;
     let bound = endpoint.local_addr()?;
-    let layout = metatrain_common::layout::ModelSpec::from_config(&config).layout();
+    let spec = metatrain_common::layout::ModelSpec::from_config(&config);
+    let layout = metatrain_common::layout::meta_layout(&spec, &config.algo);
     let (events_rx, quarantine) = start_server(&endpoint, &config, &layout);
     eprintln!("coordinator listening on {bound} (QUIC), certificate fingerprint {fingerprint}");
     let host = if bound.ip().is_unspecified() { format!("<this-host>:{}", bound.port()) } else { bound.to_string() };
@@ -501,7 +502,7 @@ async fn train_loop(
     }
     eprintln!(
         "final evaluation on {} held-out tasks ({} inner steps)",
-        config.eval.final_tasks, config.eval.inner_steps
+        config.eval.final_tasks, config.eval_inner_steps()
     );
     let t = Instant::now();
     let e = trainer
@@ -510,7 +511,7 @@ async fn train_loop(
         .map_err(|e| (steps, e))?;
     csv.row("eval", steps, &e, t.elapsed().as_secs_f64(), started.elapsed().as_secs_f64(), 1.0)
         .map_err(|e| (steps, RunError::Io(e.to_string())))?;
-    Ok((steps, Some(EvalReport::from_summary(&e, config.eval.inner_steps))))
+    Ok((steps, Some(EvalReport::from_summary(&e, config.eval_inner_steps()))))
 }
 
 fn describe_eval(e: &crate::aggregate::BatchSummary) -> String {

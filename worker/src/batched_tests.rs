@@ -194,7 +194,7 @@ fn batched_evaluation_equals_per_task_evaluation() {
         let tasks: Vec<TaskTensors> = (0..4).map(|_| make()).collect();
         let batched = evaluate(&spec, &theta, &TaskBatch::stack(&tasks).expect("stack"), &inner, ComputeDtype::F32);
         for (t, b) in tasks.iter().zip(&batched) {
-            let one = evaluate_task(&spec, &theta, t, &inner);
+            let one = evaluate_task(&spec, AlgoKind::Maml, &theta, t, &inner);
             assert!(b.meta_gradient.is_none());
             for (x, y) in [(b.pre_loss, one.pre_loss), (b.post_loss, one.post_loss)] {
                 assert!((x - y).abs() <= 1e-10 * y.abs().max(1.0), "{:?}: loss {x} batched, {y} per task", spec.kind);

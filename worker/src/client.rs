@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use metatrain_common::config::Config;
-use metatrain_common::layout::ModelSpec;
+use metatrain_common::layout::{meta_layout, ModelSpec};
 use metatrain_common::net::{client_endpoint, read_frame, server_name, write_frame, Identity, NetError, ServerTrust};
 use metatrain_common::protocol::{Frame, Hello, Limits, Message, Mode, PROTOCOL_VERSION};
 use metatrain_common::tensor::{decode_f32, encode};
@@ -199,7 +199,7 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
     *welcomed = true;
     let config = Config::from_toml(&welcome.config_toml).context("the coordinator sent an invalid config")?;
     let spec = ModelSpec::from_config(&config);
-    let layout = spec.layout();
+    let layout = meta_layout(&spec, &config.algo);
     if layout.fingerprint() != welcome.layout_fingerprint {
         bail!(
             "parameter layout mismatch: the coordinator's model differs from what this worker builds (version skew?)"

@@ -8,7 +8,8 @@
 //! A task's result does not depend on the batch it lands in (tested), so a run stays reproducible
 //! whatever the number of workers and their batch sizes.
 //!
-//! **Except conv4 on CPU**, which runs one task at a time ([`crate::algo`]): its convolutions already keep
+//! **Except** Reptile, ANIL and Meta-SGD meta-gradients (and ANIL and Meta-SGD evaluation), which the
+//! batched path does not implement, and **conv4 on CPU**, which runs one task at a time ([`crate::algo`]): its convolutions already keep
 //! a core busy, and the grouped convolutions of the batched path were measured slower there (0.85× the
 //! per-task loop for MAML, 0.7× for FOMAML, `bench/run.sh worker`). The choice depends only on the model
 //! and the kind of device, never on timing, so results stay independent of batching.
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use metatrain_common::config::Config;
-use metatrain_common::config::{ComputeDtype, ModelKind};
+use metatrain_common::config::{AlgoKind, ComputeDtype, ModelKind};
 use metatrain_common::layout::{ModelSpec, ParamLayout};
 use metatrain_common::protocol::{Assignment, Mode, TaskResult};
 use metatrain_common::task::{generate, Datasets};
@@ -146,12 +147,12 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
     let inner = match mode {
         Mode::Train => InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp },
         Mode::Eval => InnerLoop {
-            steps: ctx.config.eval.inner_steps,
+            steps: ctx.config.eval_inner_steps(),
             lr: ctx.config.eval_inner_lr(),
             clamp: algo.inner_grad_clamp,
         },
     };
-    let outputs = if batching_pays(&ctx.config, &ctx.spec, device) {
+    let outputs = if batching_pays(&ctx.config, &ctx.spec, device, mode) {
         let batch = match TaskBatch::stack(&rest) {
             Ok(batch) => batch,
             Err(e) => {
@@ -170,7 +171,7 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
         rest.iter()
             .map(|task| match mode {
                 Mode::Train => meta_gradient(&ctx.spec, algo.name, &params, task, &inner),
-                Mode::Eval => evaluate_task(&ctx.spec, &params, task, &inner),
+                Mode::Eval => evaluate_task(&ctx.spec, algo.name, &params, task, &inner),
             })
             .collect()
     };
@@ -185,10 +186,19 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
     outcomes
 }
 
-/// Whether tasks are computed as batches on `device` (see the module docs).
-fn batching_pays(config: &Config, spec: &ModelSpec, device: Device) -> bool {
-    // Mixed precision is implemented in the batched path only.
-    config.algo.compute_dtype == ComputeDtype::Bf16 || !(spec.kind == ModelKind::Conv4 && device == Device::Cpu)
+/// Whether tasks of `mode` are computed as batches on `device` (see the module docs).
+fn batching_pays(config: &Config, spec: &ModelSpec, device: Device, mode: Mode) -> bool {
+    // The batched path implements MAML and FOMAML meta-gradients, and evaluation that moves every
+    // parameter at the inner learning rate (MAML, FOMAML, Reptile).
+    let algo = config.algo.name;
+    let implemented = match mode {
+        Mode::Train => matches!(algo, AlgoKind::Maml | AlgoKind::Fomaml),
+        Mode::Eval => matches!(algo, AlgoKind::Maml | AlgoKind::Fomaml | AlgoKind::Reptile),
+    };
+    // Mixed precision is implemented in the batched path only (and the config allows it only there).
+    implemented
+        && (config.algo.compute_dtype == ComputeDtype::Bf16
+            || !(spec.kind == ModelKind::Conv4 && device == Device::Cpu))
 }
 
 fn flatten(output: &TaskOutput) -> Result<Vec<f32>, String> {

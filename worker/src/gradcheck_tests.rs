@@ -3,14 +3,16 @@
 //! MAML: d/dθ of L_query(adapt(θ)) is compared with central differences of the scalar function
 //! θ ↦ L_query(adapt(θ)) along random directions and along single coordinates (LayerNorm and batch-norm
 //! affine parameters included, set to non-trivial values). FOMAML: the gradient is compared with central
-//! differences of θ' ↦ L_query(θ') at the adapted parameters θ'. Steps are 1e-6 in f64: far below the
+//! differences of θ' ↦ L_query(θ') at the adapted parameters θ'. ANIL and Meta-SGD: as MAML, with the
+//! head-only adaptation, and over (θ, α) with the learned rates α. Reptile: θ − θ′ is compared with
+//! an adaptation whose support gradients are themselves central differences (no autograd at all). Steps are 1e-6 in f64: far below the
 //! distance to the next ReLU kink for these fixed seeds, so the check is deterministic, not flaky.
 
 use metatrain_common::config::{AlgoKind, ModelKind};
 use metatrain_common::layout::ModelSpec;
 use tch::{Kind, Tensor};
 
-use crate::algo::{adapt, leaves, meta_gradient, InnerLoop, TaskTensors};
+use crate::algo::{adapt, adapt_with, leaves, meta_gradient, rule, split, InnerLoop, TaskTensors};
 use crate::model::{forward, loss, TargetTensor};
 use crate::tensors::params_from_flat;
 use metatrain_common::rng::{keyed_rng, normal, uniform};
@@ -227,4 +229,184 @@ fn a_small_inner_step_lowers_the_support_loss() {
     let after = support(&adapted);
     println!("support loss {before} -> {after}");
     assert!(after < before, "gradient descent must descend: {before} -> {after}");
+}
+
+/// L_query after adapting by `algo`'s rule, first order (the finite differences supply the rest):
+/// `meta` is the model's tensors, then any extra meta-parameters (Meta-SGD's rates).
+fn adapted_query_loss_by(
+    spec: &ModelSpec,
+    algo: AlgoKind,
+    meta: &[Tensor],
+    task: &TaskTensors,
+    inner: &InnerLoop,
+) -> f64 {
+    let meta = leaves(meta);
+    let (model, extra) = split(spec, &meta);
+    let adapted = adapt_with(spec, model, task, inner, false, rule(algo, extra));
+    loss(&forward(spec, &adapted, &task.query_x), &task.query_y).double_value(&[])
+}
+
+/// `algo`'s meta-gradient against central differences of the adapted query loss, over every
+/// meta-parameter (`meta`, named `names`); returns the worst relative error.
+fn check_against_fd(
+    spec: &ModelSpec,
+    algo: AlgoKind,
+    meta: &[Tensor],
+    names: &[String],
+    task: &TaskTensors,
+    inner: InnerLoop,
+    coords: &[&str],
+) -> f64 {
+    let g = meta_gradient(spec, algo, meta, task, &inner).meta_gradient.expect("train mode returns a gradient");
+    assert_eq!(g.len(), meta.len(), "one gradient per meta-parameter");
+    let mut worst: f64 = 0.0;
+    for v in directions(meta, names, coords, 4) {
+        let fd = (adapted_query_loss_by(spec, algo, &shifted(meta, &v, EPS), task, &inner)
+            - adapted_query_loss_by(spec, algo, &shifted(meta, &v, -EPS), task, &inner))
+            / (2.0 * EPS);
+        worst = worst.max((dot(&g, &v) - fd).abs() / fd.abs().max(1e-3));
+    }
+    worst
+}
+
+fn model_names(spec: &ModelSpec) -> Vec<String> {
+    spec.layout().params.iter().map(|p| p.name.clone()).collect()
+}
+
+#[test]
+fn anil_adapts_only_the_head_and_its_meta_gradient_matches_finite_differences() {
+    for (spec, task, inner, seed, coords) in [
+        (
+            ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 },
+            None,
+            InnerLoop { steps: 3, lr: 0.02, clamp: f64::INFINITY },
+            71,
+            &["layer1.weight", "norm2.weight", "layer3.weight", "layer3.bias"][..],
+        ),
+        (
+            ModelSpec { kind: ModelKind::Conv4, in_features: 784, outputs: 3 },
+            Some(()),
+            InnerLoop { steps: 2, lr: 0.4, clamp: 10.0 },
+            72,
+            &["conv1.weight", "bn3.weight", "head.bias"][..],
+        ),
+    ] {
+        let theta = params(&spec, seed);
+        let task = if task.is_some() { image_task(3, 2, 2) } else { regression_task(2, 10, 8) };
+        // Head-only: the body leaves the inner loop exactly as it entered, the head moves.
+        let adapted = adapt_with(&spec, &leaves(&theta), &task, &inner, false, crate::algo::Rule::Head);
+        let n = theta.len();
+        for (i, (a, t)) in adapted.iter().zip(&theta).enumerate() {
+            let moved = (a.detach() - t).abs().max().double_value(&[]);
+            if i < n - 2 {
+                assert_eq!(moved, 0.0, "body tensor {i} moved");
+            } else {
+                assert!(moved > 0.0, "head tensor {i} did not move");
+            }
+        }
+        let worst = check_against_fd(&spec, AlgoKind::Anil, &theta, &model_names(&spec), &task, inner, coords);
+        // ANIL's meta-gradient is not MAML's: the oracle tells them apart.
+        let maml = check_against_fd(&spec, AlgoKind::Maml, &theta, &model_names(&spec), &task, inner, &[]);
+        let g_anil = meta_gradient(&spec, AlgoKind::Anil, &theta, &task, &inner).meta_gradient.expect("g");
+        let g_maml = meta_gradient(&spec, AlgoKind::Maml, &theta, &task, &inner).meta_gradient.expect("g");
+        let diff = g_anil.iter().zip(&g_maml).map(|(a, b)| (a - b).abs().max().double_value(&[])).fold(0.0, f64::max);
+        let size = g_anil.iter().map(|a| a.abs().max().double_value(&[])).fold(0.0, f64::max);
+        println!(
+            "{:?} ANIL vs finite differences: max rel err {worst:.2e}; MAML's own check {maml:.2e}; \
+             max |g_ANIL| {size:.2e}, max |g_ANIL − g_MAML| {diff:.2e}",
+            spec.kind
+        );
+        assert!(worst < TOL, "ANIL meta-gradient disagrees with finite differences: {worst:e}");
+        assert!(diff > 1e-6, "ANIL's gradient equals MAML's: the head-only path is not in effect");
+    }
+}
+
+#[test]
+fn meta_sgd_gradients_of_the_initialisation_and_of_the_learned_rates_match_finite_differences() {
+    for (spec, image, inner, seed, coords) in [
+        (
+            ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 },
+            false,
+            InnerLoop { steps: 2, lr: 0.0, clamp: f64::INFINITY },
+            81,
+            &["inner_lr.layer1.weight", "inner_lr.norm1.weight", "inner_lr.layer3.bias", "norm2.bias"][..],
+        ),
+        (
+            ModelSpec { kind: ModelKind::Mlp, in_features: 1, outputs: 1 },
+            false,
+            InnerLoop { steps: 1, lr: 0.0, clamp: 0.05 },
+            82,
+            &["inner_lr.layer3.bias", "inner_lr.layer2.weight"][..],
+        ),
+        (
+            ModelSpec { kind: ModelKind::Conv4, in_features: 784, outputs: 3 },
+            true,
+            InnerLoop { steps: 1, lr: 0.0, clamp: 10.0 },
+            83,
+            &["inner_lr.bn2.weight", "inner_lr.head.weight", "inner_lr.conv1.weight"][..],
+        ),
+    ] {
+        let theta = params(&spec, seed);
+        // Rates in [0.01, 0.05), different for every entry (inner.lr is unused: the rates replace it).
+        let rates: Vec<Tensor> = theta.iter().map(|t| rand01(&t.size()) * 0.04 + 0.01).collect();
+        let meta: Vec<Tensor> = theta.iter().chain(&rates).map(|t| t.shallow_clone()).collect();
+        let mut names = model_names(&spec);
+        names.extend(model_names(&spec).iter().map(|n| format!("inner_lr.{n}")));
+        seeded(seed);
+        let task = if image { image_task(3, 2, 2) } else { regression_task(spec.in_features as i64, 10, 8) };
+        let worst = check_against_fd(&spec, AlgoKind::MetaSgd, &meta, &names, &task, inner, coords);
+        let g = meta_gradient(&spec, AlgoKind::MetaSgd, &meta, &task, &inner).meta_gradient.expect("g");
+        let rate_norm: f64 =
+            g[theta.len()..].iter().map(|t| t.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+        println!(
+            "{:?} K={} Meta-SGD vs finite differences over (θ, α): max rel err {worst:.2e}; |dL/dα| {rate_norm:.3e}",
+            spec.kind, inner.steps
+        );
+        assert!(worst < TOL, "Meta-SGD meta-gradient disagrees with finite differences: {worst:e}");
+        assert!(rate_norm > 1e-6, "the learned rates get no gradient");
+    }
+}
+
+/// dL/dθ by central differences, one coordinate at a time (f64; small models only).
+fn fd_gradient(f: &dyn Fn(&[Tensor]) -> f64, theta: &[Tensor]) -> Vec<Tensor> {
+    theta
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut values = Vec::with_capacity(t.numel());
+            for k in 0..t.numel() as i64 {
+                let mut v: Vec<Tensor> = theta.iter().map(|t| t.zeros_like()).collect();
+                let _ = v[i].view(-1).get(k).fill_(1.0);
+                values.push((f(&shifted(theta, &v, EPS)) - f(&shifted(theta, &v, -EPS))) / (2.0 * EPS));
+            }
+            Tensor::from_slice(&values).reshape(t.size())
+        })
+        .collect()
+}
+
+#[test]
+fn reptile_returns_the_move_of_an_adaptation_made_without_autograd() {
+    let spec = ModelSpec { kind: ModelKind::Mlp, in_features: 1, outputs: 1 };
+    seeded(91);
+    let theta = params(&spec, 91);
+    let mut task = regression_task(1, 10, 10);
+    task.support_y = TargetTensor::Real(randn(&[10, 1]) * 3.0);
+    let inner = InnerLoop { steps: 2, lr: 0.05, clamp: 1.0 };
+    let g = meta_gradient(&spec, AlgoKind::Reptile, &theta, &task, &inner).meta_gradient.expect("g");
+    // The oracle: SGD on the support loss with finite-difference gradients, clamped alike.
+    let support =
+        |p: &[Tensor]| tch::no_grad(|| loss(&forward(&spec, p, &task.support_x), &task.support_y).double_value(&[]));
+    let mut fast: Vec<Tensor> = theta.iter().map(|t| t.detach()).collect();
+    for _ in 0..inner.steps {
+        let grads = fd_gradient(&support, &fast);
+        fast = fast.iter().zip(grads).map(|(p, d)| p - d.clamp(-inner.clamp, inner.clamp) * inner.lr).collect();
+    }
+    let want: Vec<Tensor> = theta.iter().zip(&fast).map(|(t, f)| t - f).collect();
+    let err = g.iter().zip(&want).map(|(a, b)| (a - b).abs().max().double_value(&[])).fold(0.0, f64::max);
+    let scale = want.iter().map(|t| t.abs().max().double_value(&[])).fold(0.0, f64::max);
+    let clamped =
+        want.iter().map(|t| t.abs().ge(inner.lr * inner.clamp * 0.999).sum(Kind::Int64).int64_value(&[])).sum::<i64>();
+    println!("Reptile θ − θ′ vs the finite-difference adaptation: max abs err {err:.2e} (largest move {scale:.3e}; {clamped} entries at the clamp in some step)");
+    assert!(scale > 1e-3, "the adaptation must move the parameters");
+    assert!(err < 1e-7 * scale.max(1.0), "Reptile's move disagrees with the oracle: {err:e}");
 }

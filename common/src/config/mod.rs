@@ -175,6 +175,17 @@ pub enum AlgoKind {
     Maml,
     /// First-order MAML: the query gradient at the adapted parameters.
     Fomaml,
+    /// Reptile (Nichol et al., 2018): the worker returns θ − θ′, the move *away from* the weights
+    /// adapted on the support set, so that the coordinator's descent step moves the initialisation
+    /// towards them. No second-order terms; the query set only scores the adaptation.
+    Reptile,
+    /// ANIL (Raghu et al., 2020): only the head (the last layer) adapts in the inner loop; the
+    /// meta-gradient is second order and reaches the body through the head's adaptation.
+    Anil,
+    /// Meta-SGD (Li et al., 2017): every parameter has its own inner learning rate, a meta-parameter
+    /// learned with the initialisation (second order). The rates start at `algo.inner_lr` and travel
+    /// in the parameter layout as `inner_lr.<parameter>`.
+    MetaSgd,
 }
 
 impl AlgoKind {
@@ -182,14 +193,32 @@ impl AlgoKind {
         match self {
             AlgoKind::Maml => "maml",
             AlgoKind::Fomaml => "fomaml",
+            AlgoKind::Reptile => "reptile",
+            AlgoKind::Anil => "anil",
+            AlgoKind::MetaSgd => "meta-sgd",
         }
+    }
+
+    /// Whether the meta-gradient differentiates through the inner loop's gradients.
+    pub fn second_order(self) -> bool {
+        matches!(self, AlgoKind::Maml | AlgoKind::Anil | AlgoKind::MetaSgd)
+    }
+
+    /// Whether the inner learning rates are meta-parameters (Meta-SGD).
+    pub fn learns_inner_lr(self) -> bool {
+        self == AlgoKind::MetaSgd
+    }
+
+    /// Whether only the head adapts in the inner loop (ANIL).
+    pub fn head_only(self) -> bool {
+        self == AlgoKind::Anil
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlgoConfig {
-    /// `maml` or `fomaml`. Default `maml`.
+    /// `maml`, `fomaml`, `reptile`, `anil` or `meta-sgd` (see [`AlgoKind`]). Default `maml`.
     pub name: AlgoKind,
     /// SGD steps on the support loss during meta-training (K). Default 1.
     pub inner_steps: usize,
@@ -266,7 +295,8 @@ pub struct EvalConfig {
     pub tasks: usize,
     /// Held-out tasks of the final evaluation (the report's `eval`). Default 600.
     pub final_tasks: usize,
-    /// Inner steps when adapting at evaluation. Default 10.
+    /// Inner steps when adapting at evaluation. Default 10. (Meta-SGD evaluates with `algo.inner_steps`
+    /// steps at its learned rates: see [`Config::eval_inner_steps`].)
     pub inner_steps: usize,
     /// Inner learning rate at evaluation; absent = `algo.inner_lr`.
     pub inner_lr: Option<f64>,
@@ -420,6 +450,18 @@ impl Config {
         if a.inner_grad_clamp.is_nan() || a.inner_grad_clamp <= 0.0 {
             return Err(invalid("algo.inner_grad_clamp", format!("must be > 0 (or inf), got {}", a.inner_grad_clamp)));
         }
+        if a.name.learns_inner_lr() && a.inner_steps == 0 {
+            return Err(invalid(
+                "algo.inner_steps",
+                "meta-sgd learns inner learning rates: needs at least 1 inner step",
+            ));
+        }
+        if a.compute_dtype == ComputeDtype::Bf16 && !matches!(a.name, AlgoKind::Maml | AlgoKind::Fomaml) {
+            return Err(invalid(
+                "algo.compute_dtype",
+                format!("bf16 is implemented for maml and fomaml, not {}", a.name.name()),
+            ));
+        }
         let t = &self.train;
         if t.meta_batch == 0 || t.meta_batch > 1_000_000 {
             return Err(invalid("train.meta_batch", format!("must be in 1..=1000000, got {}", t.meta_batch)));
@@ -474,9 +516,19 @@ impl Config {
         Ok(())
     }
 
-    /// Inner learning rate used at evaluation.
+    /// Inner learning rate used at evaluation (Meta-SGD uses its learned rates instead).
     pub fn eval_inner_lr(&self) -> f64 {
         self.eval.inner_lr.unwrap_or(self.algo.inner_lr)
+    }
+
+    /// Inner steps used at evaluation: `eval.inner_steps`, except for Meta-SGD, whose learned rates are
+    /// tuned for `algo.inner_steps` steps (ten steps at rates learned for one diverge).
+    pub fn eval_inner_steps(&self) -> usize {
+        if self.algo.name.learns_inner_lr() {
+            self.algo.inner_steps
+        } else {
+            self.eval.inner_steps
+        }
     }
 
     /// Whether the tasks are classification (accuracy is reported).
