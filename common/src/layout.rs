@@ -91,6 +91,7 @@ impl ModelSpec {
             TaskConfig::Sinusoid(_) => (1, 1),
             TaskConfig::NoisyLinear(_) => (2, 1),
             TaskConfig::Omniglot(o) => (CONV4_IMAGE_SIDE * CONV4_IMAGE_SIDE, o.n_way),
+            TaskConfig::Images(i) => (CONV4_IMAGE_SIDE * CONV4_IMAGE_SIDE, i.n_way),
         };
         ModelSpec { kind: config.model.name, in_features, outputs }
     }

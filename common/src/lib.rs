@@ -1,10 +1,13 @@
 //! The shared vocabulary of metatrain: what the coordinator and workers say to each other and what a run is.
-//! No libtorch, and no I/O outside the optional `net` feature.
+//! No libtorch, and no I/O outside the optional `net` feature and [`images`]' reading of a user's folder.
 //!
 //! - [`config`]: the run configuration (TOML) with `validate()`; one struct the whole run reads.
-//! - [`task`]: task specs and distributions (sinusoid, noisy-linear, Omniglot); a task's data is a pure
+//! - [`task`]: task specs and distributions (sinusoid, noisy-linear, Omniglot, image folders); a task's data is a pure
 //!   function of (config, spec), with every random draw from [`rng`]'s keyed streams.
 //! - [`omniglot`]: the Omniglot `.npz` reader and the 105→28 area resize.
+//! - [`images`]: a folder of the user's PNG images as classes (any size, area-resized to 28×28), for
+//!   `images` tasks and `adapt`; the one module that reads files itself (listing the folder, opening each
+//!   PNG), so every binary loads a user's folder the same way.
 //! - [`layout`]: models' named parameter layouts and their initialisation from (model, seed).
 //! - [`protocol`]: every message and the frame codec (size limits checked before allocation).
 //! - [`tensor`]: flat f32 payloads, checked for length and finiteness.
@@ -14,6 +17,7 @@
 //! frames → worker `task::generate` → meta-gradient `tensor` payload → coordinator.
 
 pub mod config;
+pub mod images;
 pub mod layout;
 #[cfg(feature = "net")]
 pub mod net;

@@ -1,16 +1,20 @@
-//! Finding and loading the data sets a run needs (only Omniglot reads files).
+//! Finding and loading the data sets a run needs (only Omniglot and image-folder tasks read files).
 //!
 //! The data directory is `--data-dir`, else `$METATRAIN_DATA_DIR`, else `shared/data` or `../shared/data`
 //! relative to the current directory or to the binary's checkout (`<repo>/target/<profile>/` → `<repo>/..`).
 //! Each `.npz` is checked against `omniglot/SHA256SUMS` when that file lists it. `omniglot/alphabets.tsv`
 //! gives each character its alphabet (for the episodes' difficulty); without it every character counts as
 //! its own alphabet, which a curriculum cannot work with.
+//!
+//! `images` tasks read `task.root` (and `task.eval_root`) themselves, relative to the working directory,
+//! through [`ImageSplits::load`]; `--data-dir` plays no part.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use metatrain_common::config::{Config, Schedule, TaskConfig};
+use metatrain_common::config::{Config, ImagesTaskConfig, Schedule, TaskConfig};
+use metatrain_common::images::ImageSplits;
 use metatrain_common::layout::sha256_hex;
 use metatrain_common::omniglot::{alphabets, OmniglotSet};
 use metatrain_common::task::Datasets;
@@ -35,7 +39,11 @@ pub fn resolve_data_dir(flag: Option<&Path>) -> Option<PathBuf> {
 
 /// Loads what `config`'s task distribution needs.
 pub fn load_datasets(config: &Config, data_dir: Option<&Path>) -> Result<Datasets> {
-    let TaskConfig::Omniglot(_) = config.task else { return Ok(Datasets::default()) };
+    match &config.task {
+        TaskConfig::Omniglot(_) => {}
+        TaskConfig::Images(cfg) => return load_images(cfg),
+        _ => return Ok(Datasets::default()),
+    }
     let dir = resolve_data_dir(data_dir)
         .context("Omniglot tasks need the data directory: pass --data-dir DIR (holding omniglot/images_background.npz) or set METATRAIN_DATA_DIR")?;
     let omni = dir.join("omniglot");
@@ -67,7 +75,28 @@ pub fn load_datasets(config: &Config, data_dir: Option<&Path>) -> Result<Dataset
     Ok(Datasets {
         omniglot_background: Some(load("images_background.npz", "background")?),
         omniglot_evaluation: Some(load("images_evaluation.npz", "evaluation")?),
+        ..Datasets::default()
     })
+}
+
+/// Loads an `images` run's folder(s) and logs their classes and fingerprint (workers whose fingerprints
+/// differ hold different files and would make different tasks from the same specs).
+fn load_images(cfg: &ImagesTaskConfig) -> Result<Datasets> {
+    let started = std::time::Instant::now();
+    let splits = ImageSplits::load(cfg)
+        .with_context(|| format!("cannot load the image folder task.root = {}", cfg.root.display()))?;
+    tracing::info!(
+        "loaded {} in {:.1}s: {} meta-training classes ({} images, fingerprint {}), {} held-out classes ({} images, fingerprint {})",
+        cfg.root.display(),
+        started.elapsed().as_secs_f64(),
+        splits.train.n_classes(),
+        splits.train.n_images(),
+        &splits.train.fingerprint()[..16],
+        splits.eval.n_classes(),
+        splits.eval.n_images(),
+        &splits.eval.fingerprint()[..16],
+    );
+    Ok(Datasets { images: Some(Arc::new(splits)), ..Datasets::default() })
 }
 
 fn load_npz(dir: &Path, name: &str) -> Result<OmniglotSet> {

@@ -8,10 +8,12 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod curriculum;
+mod images;
 pub use curriculum::{
     Aggregation, CorruptConfig, Corruption, CurriculumConfig, DefenceConfig, QuarantineMode, Schedule,
     MAX_DEFENCE_WINDOW,
 };
+pub use images::{ImagesTaskConfig, DEFAULT_EVAL_FRACTION, MAX_EPISODE_IMAGES, MAX_IMAGES_N_WAY};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum ConfigError {
@@ -77,6 +79,8 @@ pub enum TaskConfig {
     NoisyLinear(RegressionTaskConfig),
     /// N-way K-shot episodes from the real Omniglot images (28×28, ink = 1.0).
     Omniglot(OmniglotTaskConfig),
+    /// N-way K-shot episodes from a folder of the user's own PNG images (28×28, foreground = 1.0).
+    Images(ImagesTaskConfig),
 }
 
 impl TaskConfig {
@@ -86,6 +90,7 @@ impl TaskConfig {
             TaskConfig::Sinusoid(_) => "sinusoid".into(),
             TaskConfig::NoisyLinear(_) => "noisy-linear".into(),
             TaskConfig::Omniglot(o) => format!("omniglot {}-way {}-shot", o.n_way, o.k_shot),
+            TaskConfig::Images(i) => format!("images {}-way {}-shot", i.n_way, i.k_shot),
         }
     }
 }
@@ -122,13 +127,13 @@ pub struct OmniglotTaskConfig {
     pub q_query: usize,
 }
 
-fn default_n_way() -> usize {
+pub(crate) fn default_n_way() -> usize {
     5
 }
-fn default_k_shot() -> usize {
+pub(crate) fn default_k_shot() -> usize {
     1
 }
-fn default_q_query() -> usize {
+pub(crate) fn default_q_query() -> usize {
     15
 }
 
@@ -141,6 +146,7 @@ pub enum ModelKind {
     /// in → 64 → LayerNorm → ReLU → 64 → LayerNorm → ReLU → 1.
     MlpLn,
     /// MAML's Omniglot net: four 3×3 conv (64) + batch norm + ReLU blocks, stride 2, then a linear head.
+    /// Takes 1-channel 28×28 images (`omniglot` and `images` tasks).
     Conv4,
 }
 
@@ -413,7 +419,7 @@ impl Config {
                     return Err(invalid("task.query", format!("must be in 1..=100000, got {}", r.query)));
                 }
                 if self.model.name == ModelKind::Conv4 {
-                    return Err(invalid("model.name", "conv4 takes images: use it with task.distribution = \"omniglot\"; regression tasks take \"mlp\" or \"mlp-ln\""));
+                    return Err(invalid("model.name", "conv4 takes images: use it with task.distribution = \"omniglot\" or \"images\"; regression tasks take \"mlp\" or \"mlp-ln\""));
                 }
             }
             TaskConfig::Omniglot(o) => {
@@ -439,6 +445,7 @@ impl Config {
                     return Err(invalid("model.name", "omniglot tasks take model \"conv4\""));
                 }
             }
+            TaskConfig::Images(i) => i.validate(self.model.name)?,
         }
         let a = &self.algo;
         if a.inner_steps > 1000 {
@@ -533,7 +540,7 @@ impl Config {
 
     /// Whether the tasks are classification (accuracy is reported).
     pub fn is_classification(&self) -> bool {
-        matches!(self.task, TaskConfig::Omniglot(_))
+        matches!(self.task, TaskConfig::Omniglot(_) | TaskConfig::Images(_))
     }
 }
 

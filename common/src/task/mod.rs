@@ -16,6 +16,9 @@
 //!   (Lake's one-shot runs are all within-alphabet). N-way and K-shot are fixed by the run (the model's
 //!   head has N outputs), so they do not vary between tasks. With competence c the episode is drawn
 //!   uniformly among those with difficulty ≤ c (by rejection, [`OMNIGLOT_DRAWS`] tries at most).
+//! - `images`: the same with a class's parent folder as its alphabet (Omniglot's PNG layout
+//!   `<alphabet>/<character>`); classes directly under the root each count as their own, so with that
+//!   flat layout every episode has difficulty 0. Episodes are drawn by [`episode`] for both.
 //!
 //! At competence 1 every distribution draws exactly as without a curriculum (bit for bit).
 //!
@@ -26,14 +29,18 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::config::{Config, OmniglotTaskConfig, RegressionTaskConfig, TaskConfig};
-use crate::omniglot::{OmniglotSet, DRAWERS, PIXELS, SIDE};
-use crate::rng::{choose_distinct, keyed_rng, normal, uniform};
+use crate::config::{Config, ImagesTaskConfig, OmniglotTaskConfig, RegressionTaskConfig, TaskConfig};
+use crate::images::ImageSplits;
+use crate::omniglot::OmniglotSet;
+use crate::rng::{keyed_rng, normal, uniform};
 
 pub mod corrupt;
+pub mod episode;
+
+pub use episode::{episode_difficulty, EpisodeShape, EpisodeSource};
 
 /// Meta-training tasks or held-out (meta-test) tasks. Held-out tasks come from separate random streams
-/// and, for Omniglot, from the evaluation split's characters.
+/// and, for Omniglot, from the evaluation split's characters (for images, from the held-out classes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Split {
     Train,
@@ -97,8 +104,8 @@ const PURPOSE_SAMPLES: u64 = 2;
 const PURPOSE_EPISODE: u64 = 3;
 pub(crate) const PURPOSE_CORRUPT: u64 = 4;
 
-/// Most episodes an Omniglot task draws looking for one within its competence; then the least difficult
-/// drawn is used. At competence ≥ the share of distinct-alphabet episodes (about 0.7 of 5-way episodes)
+/// Most episodes an Omniglot (or images) task draws looking for one within its competence; then the least
+/// difficult drawn is used. At competence ≥ the share of distinct-alphabet episodes (about 0.7 of 5-way episodes)
 /// one or two draws suffice.
 pub const OMNIGLOT_DRAWS: u64 = 64;
 
@@ -164,15 +171,21 @@ pub struct TaskData {
 pub enum TaskError {
     #[error("omniglot tasks need the Omniglot {0:?} split loaded (see --data-dir)")]
     MissingDataset(Split),
-    #[error("omniglot {split:?} split has {have} characters, an episode needs {need} (n_way)")]
+    #[error("the {split:?} split has {have} classes, an episode needs {need} (n_way)")]
     TooFewClasses { split: Split, have: usize, need: usize },
+    #[error("images tasks need the image folder loaded (task.root)")]
+    MissingImages,
+    #[error("class `{class}` of the {split:?} split has {have} images, an episode needs {need} (k_shot + q_query)")]
+    ClassTooSmall { split: Split, class: String, have: usize, need: usize },
 }
 
-/// The image sets a worker has loaded (only Omniglot needs any).
+/// The image sets a worker has loaded (only `omniglot` and `images` tasks need any).
 #[derive(Default)]
 pub struct Datasets {
     pub omniglot_background: Option<std::sync::Arc<OmniglotSet>>,
     pub omniglot_evaluation: Option<std::sync::Arc<OmniglotSet>>,
+    /// `images` tasks: the folder's meta-training and held-out classes.
+    pub images: Option<std::sync::Arc<ImageSplits>>,
 }
 
 /// Materialises the task `spec` of the run `config`: its distribution's draw, then the configured
@@ -198,6 +211,7 @@ pub fn generate_clean(config: &TaskConfig, spec: &TaskSpec, data: &Datasets) -> 
             .ok_or(TaskError::MissingDataset(spec.split))?;
             omniglot_episode(o, spec, set)
         }
+        TaskConfig::Images(i) => images_episode(i, spec, data),
     }
 }
 
@@ -271,65 +285,28 @@ fn noisy_linear(cfg: &RegressionTaskConfig, spec: &TaskSpec) -> TaskData {
     TaskData { support, query, difficulty }
 }
 
-/// An N-way K-shot episode: N distinct characters, and for each K + Q distinct drawings (K support, Q
-/// query). Labels are the characters' positions in the draw, so they carry no information across tasks.
+/// An Omniglot N-way K-shot episode: N distinct characters, and for each K + Q distinct drawings (K support,
+/// Q query); see [`episode`].
 fn omniglot_episode(cfg: &OmniglotTaskConfig, spec: &TaskSpec, set: &OmniglotSet) -> Result<TaskData, TaskError> {
-    if set.n_chars() < cfg.n_way {
-        return Err(TaskError::TooFewClasses { split: spec.split, have: set.n_chars(), need: cfg.n_way });
-    }
-    let (chars, difficulty, mut rng) = omniglot_characters(cfg.n_way, spec, set);
-    let mut support = (Vec::new(), Vec::new());
-    let mut query = (Vec::new(), Vec::new());
-    for (label, &ch) in chars.iter().enumerate() {
-        let drawers = choose_distinct(&mut rng, DRAWERS, cfg.k_shot + cfg.q_query);
-        for (j, &d) in drawers.iter().enumerate() {
-            let dst = if j < cfg.k_shot { &mut support } else { &mut query };
-            dst.0.extend_from_slice(set.image(ch, d));
-            dst.1.push(label as i64);
-        }
-    }
-    // Order within a set is class-major; it changes no loss or gradient (both are means over examples).
-    let shape = vec![1, SIDE, SIDE];
-    debug_assert_eq!(support.0.len(), support.1.len() * PIXELS);
-    Ok(TaskData {
-        support: Examples { x: support.0, feature_shape: shape.clone(), y: Targets::Class(support.1) },
-        query: Examples { x: query.0, feature_shape: shape, y: Targets::Class(query.1) },
-        difficulty,
-    })
+    let shape = EpisodeShape { n_way: cfg.n_way, k_shot: cfg.k_shot, q_query: cfg.q_query };
+    episode::episode(shape, spec, set)
 }
 
-/// The episode's characters, its difficulty, and the stream to draw its drawings from: the first draw
-/// within the spec's competence, else the least difficult of [`OMNIGLOT_DRAWS`].
-fn omniglot_characters(n_way: usize, spec: &TaskSpec, set: &OmniglotSet) -> (Vec<usize>, f64, rand_chacha::ChaCha8Rng) {
-    let cap = spec.competence.fraction();
-    let mut best: Option<(Vec<usize>, f64, rand_chacha::ChaCha8Rng)> = None;
-    for attempt in 0..OMNIGLOT_DRAWS {
-        let mut rng = spec.rng_attempt(PURPOSE_EPISODE, attempt);
-        let chars = choose_distinct(&mut rng, set.n_chars(), n_way);
-        let d = episode_difficulty(&chars, set);
-        if d <= cap {
-            return (chars, d, rng);
-        }
-        if best.as_ref().is_none_or(|b| d < b.1) {
-            best = Some((chars, d, rng));
-        }
-    }
-    best.unwrap_or_else(|| (Vec::new(), 0.0, spec.rng(PURPOSE_EPISODE)))
-}
-
-/// (N − distinct alphabets) / (N − 1) of an episode's characters: 0 when all alphabets differ, 1 when
-/// all share one. An episode of one character has difficulty 0.
-pub fn episode_difficulty(chars: &[usize], set: &OmniglotSet) -> f64 {
-    if chars.len() < 2 {
-        return 0.0;
-    }
-    let alphabets: std::collections::BTreeSet<u32> = chars.iter().map(|&c| set.alphabet_of(c)).collect();
-    (chars.len() - alphabets.len()) as f64 / (chars.len() - 1) as f64
+/// An N-way K-shot episode from an image folder's classes of `spec`'s split; see [`episode`].
+fn images_episode(cfg: &ImagesTaskConfig, spec: &TaskSpec, data: &Datasets) -> Result<TaskData, TaskError> {
+    let splits = data.images.as_deref().ok_or(TaskError::MissingImages)?;
+    let folder = match spec.split {
+        Split::Train => &splits.train,
+        Split::Eval => &splits.eval,
+    };
+    let shape = EpisodeShape { n_way: cfg.n_way, k_shot: cfg.k_shot, q_query: cfg.q_query };
+    episode::episode(shape, spec, folder)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::omniglot::{DRAWERS, PIXELS};
 
     fn spec(step: u64, index: u32) -> TaskSpec {
         TaskSpec::new(1, Split::Train, step, index)
