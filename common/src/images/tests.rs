@@ -334,6 +334,8 @@ fn config_parses_validates_and_round_trips() {
     }
     let e = Config::from_toml("[task]\ndistribution = \"images\"\n[model]\nname = \"conv4\"\n").unwrap_err();
     assert!(e.to_string().contains("root"), "root is required: {e}");
+    let example = Config::from_toml(include_str!("../../../configs/images-omniglot-small.toml")).expect("example");
+    assert!(matches!(&example.task, TaskConfig::Images(i) if i.root.ends_with("images_background_small1")));
     let e = Config::from_toml(&format!("{base}[task.extra]\n")).unwrap_err();
     assert!(e.to_string().contains("extra"), "{e}");
 }
