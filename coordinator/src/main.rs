@@ -39,6 +39,32 @@ enum Command {
     /// Benchmarks: `metatrain bench coordinator` measures the coordinator against simulated workers.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Adapt a run's params.safetensors to your few labelled examples and predict (runs
+    /// `metatrain-worker adapt`, which links libtorch; `metatrain adapt --help` lists its options).
+    #[command(disable_help_flag = true)]
+    Adapt(AdaptArgs),
+}
+
+#[derive(clap::Args)]
+struct AdaptArgs {
+    /// Passed to `metatrain-worker adapt` unchanged.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<std::ffi::OsString>,
+}
+
+/// `metatrain adapt`: hands over to `metatrain-worker adapt` (beside this binary, else on PATH) and
+/// exits with its status.
+fn adapt(args: AdaptArgs) -> anyhow::Result<()> {
+    let worker = metatrain_coordinator::local::find_worker_binary(None)?;
+    let status = std::process::Command::new(&worker)
+        .arg("adapt")
+        .args(&args.args)
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", worker.display()))?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
 }
 
 /// Errors are printed as one line of causes (`error: outer: inner`), never with a backtrace, and exit 1.
@@ -73,6 +99,7 @@ fn run() -> anyhow::Result<()> {
         Command::Sweep(args) => rt.block_on(sweep::run(args))?,
         // The benchmark makes runtimes of its own (one for the coordinator, one for simulated workers).
         Command::Bench(cmd) => bench::run(cmd)?,
+        Command::Adapt(args) => adapt(args)?,
     }
     Ok(())
 }

@@ -250,8 +250,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// `params.safetensors`: each layout tensor under its name, f32.
-pub fn write_params(path: &Path, layout: &ParamLayout, params: &[f32]) -> Result<()> {
+/// Metadata key of `params.safetensors` holding the run's config (TOML), so that the file alone says
+/// which model, algorithm and task shape its tensors are for (`metatrain adapt` reads it).
+pub const CONFIG_METADATA_KEY: &str = "metatrain.config";
+
+/// `params.safetensors`: each layout tensor under its name, f32, and the run's config as metadata.
+pub fn write_params(path: &Path, layout: &ParamLayout, params: &[f32], config_toml: &str) -> Result<()> {
     let bytes: Vec<Vec<u8>> = layout
         .ranges()
         .iter()
@@ -261,7 +265,9 @@ pub fn write_params(path: &Path, layout: &ParamLayout, params: &[f32]) -> Result
     for (p, b) in layout.params.iter().zip(&bytes) {
         views.push((p.name.clone(), TensorView::new(StDtype::F32, p.shape.clone(), b)?));
     }
-    let meta: HashMap<String, String> = [("format".to_string(), "metatrain".to_string())].into();
+    let meta: HashMap<String, String> =
+        [("format".to_string(), "metatrain".to_string()), (CONFIG_METADATA_KEY.to_string(), config_toml.to_string())]
+            .into();
     let data = safetensors::serialize(views, &Some(meta))?;
     write_atomic(path, &data)
 }

@@ -383,7 +383,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
             return Err(anyhow::Error::new(e).context("training failed"));
         }
     };
-    write_params(&out.join("params.safetensors"), &trainer.layout, &trainer.params)?;
+    write_params(&out.join("params.safetensors"), &trainer.layout, &trainer.params, &trainer.config.to_toml())?;
     let report = Report {
         config: config_json(&config),
         final_step,
@@ -502,7 +502,8 @@ async fn train_loop(
     }
     eprintln!(
         "final evaluation on {} held-out tasks ({} inner steps)",
-        config.eval.final_tasks, config.eval_inner_steps()
+        config.eval.final_tasks,
+        config.eval_inner_steps()
     );
     let t = Instant::now();
     let e = trainer

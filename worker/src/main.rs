@@ -7,10 +7,13 @@
 //! - `client`: the QUIC session with the coordinator.
 //! - `data`: finding and loading Omniglot.
 //! - `grad_cmd`: `metatrain-worker grad`, one meta-gradient from files, for cross-checking.
+//! - `adapt_cmd`: `metatrain-worker adapt` (`metatrain adapt`): adapt an exported initialisation to a
+//!   user's few examples and predict.
 //!
 //! Flow: client receives Params + Assign → compute builds the task from its spec (common::task), runs
 //! algo on model → client sends the Result with the meta-gradient payload.
 
+mod adapt_cmd;
 mod algo;
 mod batched;
 #[cfg(test)]
@@ -53,6 +56,9 @@ enum Command {
     Grad(grad_cmd::GradArgs),
     /// Measure meta-gradient tasks/s on this machine: the per-task loop against the batched path.
     Bench(bench::BenchArgs),
+    /// Adapt a meta-trained initialisation (a run's params.safetensors) to your few labelled examples,
+    /// predict the query inputs (CSV out), and score them when they carry labels.
+    Adapt(adapt_cmd::AdaptArgs),
 }
 
 #[derive(Args)]
@@ -160,6 +166,10 @@ fn run_cli() -> Result<()> {
         }
         Command::Run(args) => run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Adapt(args) => {
+            tch::set_num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+            adapt_cmd::run(args)
+        }
     }
 }
 
