@@ -187,30 +187,44 @@ impl ModelSpec {
     }
 }
 
-/// Name prefix of Meta-SGD's learned inner learning rates: `inner_lr.<parameter>`, shaped like it.
+/// Name prefix of learned inner learning rates: `inner_lr.<parameter>`, shaped like the parameter
+/// (Meta-SGD: a rate per entry) or `[inner_steps]` (MAML++'s per-step rates: one per tensor and step).
 pub const LEARNED_LR_PREFIX: &str = "inner_lr.";
 
-/// The meta-parameters a run learns: the model's parameters, then (Meta-SGD) one learned inner learning
-/// rate per model parameter entry, in the same order.
+/// The meta-parameters a run learns: the model's parameters, then any learned inner rates (Meta-SGD,
+/// `algo.per_step_lrs`), one tensor per model tensor that adapts, in the same order (ANIL adapts only
+/// the head, its last two tensors).
 pub fn meta_layout(spec: &ModelSpec, algo: &AlgoConfig) -> ParamLayout {
     let mut layout = spec.layout();
-    if algo.name.learns_inner_lr() {
-        let rates: Vec<ParamSpec> = layout
-            .params
-            .iter()
-            .map(|p| ParamSpec { name: format!("{LEARNED_LR_PREFIX}{}", p.name), shape: p.shape.clone() })
-            .collect();
-        layout.params.extend(rates);
-    }
+    let n = layout.params.len();
+    let adapts = |i: usize| !algo.name.head_only() || i + 2 >= n;
+    let rate_shape = |p: &ParamSpec| {
+        if algo.name.learns_inner_lr() {
+            Some(p.shape.clone())
+        } else if algo.per_step_lrs {
+            Some(vec![algo.inner_steps])
+        } else {
+            None
+        }
+    };
+    let rates: Vec<ParamSpec> = layout
+        .params
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| adapts(*i))
+        .filter_map(|(_, p)| {
+            rate_shape(p).map(|shape| ParamSpec { name: format!("{LEARNED_LR_PREFIX}{}", p.name), shape })
+        })
+        .collect();
+    layout.params.extend(rates);
     layout
 }
 
-/// Initial meta-parameters: [`ModelSpec::init_params`], then (Meta-SGD) every rate at `algo.inner_lr`.
+/// Initial meta-parameters: [`ModelSpec::init_params`], then every learned rate at `algo.inner_lr`.
 pub fn meta_init(spec: &ModelSpec, algo: &AlgoConfig, seed: u64) -> Vec<f32> {
     let mut params = spec.init_params(seed);
-    if algo.name.learns_inner_lr() {
-        params.extend(std::iter::repeat_n(algo.inner_lr as f32, params.len()));
-    }
+    let rates = meta_layout(spec, algo).numel() - params.len();
+    params.extend(std::iter::repeat_n(algo.inner_lr as f32, rates));
     params
 }
 
@@ -305,6 +319,18 @@ mod tests {
         let n = s.layout().numel();
         assert_eq!(init[..n], s.init_params(7)[..]);
         assert!(init[n..].iter().all(|v| *v == 0.03f32));
+        // MAML++'s per-step rates: one per tensor and inner step.
+        let lslr = AlgoConfig { inner_lr: 0.4, inner_steps: 3, per_step_lrs: true, ..AlgoConfig::default() };
+        let l = meta_layout(&s, &lslr);
+        assert_eq!(l.params.len(), 12);
+        assert_eq!((l.params[11].name.as_str(), l.params[11].shape.as_slice()), ("inner_lr.layer3.bias", &[3][..]));
+        let init = meta_init(&s, &lslr, 7);
+        assert_eq!(init.len(), n + 18);
+        assert!(init[n..].iter().all(|v| *v == 0.4f32));
+        // ANIL adapts the head only: rates for its two tensors.
+        let anil = AlgoConfig { name: AlgoKind::Anil, ..lslr };
+        let names: Vec<String> = meta_layout(&s, &anil).params.iter().skip(6).map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["inner_lr.layer3.weight", "inner_lr.layer3.bias"]);
     }
 
     #[test]

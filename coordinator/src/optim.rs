@@ -28,6 +28,11 @@ impl Adam {
         }
     }
 
+    /// The learning rate of the next [`Adam::step`] (`train.lr_schedule` sets it per meta-step).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
     /// The state a checkpoint needs: (step count, first moments, second moments).
     pub fn state(&self) -> (u64, &[f32], &[f32]) {
         (self.t, &self.m, &self.v)

@@ -277,6 +277,7 @@ impl Trainer {
         let summary = self.run_batch(step, specs, Mode::Train, stop).await?;
         match &summary.mean_grad {
             Some(g) => {
+                self.adam.set_lr(self.config.train.meta_lr_at(step));
                 self.adam.step(&mut self.params, g).map_err(|e| RunError::Diverged { step, why: e.to_string() })?
             }
             None => {

@@ -25,7 +25,7 @@ use metatrain_common::config::{Config, ModelKind};
 use metatrain_common::layout::{meta_layout, ModelSpec};
 use tch::{Kind, Tensor};
 
-use crate::algo::{adapt_with, rule, split, InnerLoop, TaskTensors};
+use crate::algo::{adapt_each, rule, split, InnerLoop, TaskTensors};
 use crate::model::{accuracy, forward, loss, TargetTensor};
 
 #[derive(Args, Debug)]
@@ -79,8 +79,8 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     if steps > MAX_STEPS {
         bail!("--steps must be at most {MAX_STEPS}, got {steps}");
     }
-    if args.lr.is_some() && algo.learns_inner_lr() {
-        bail!("--lr does not apply: this meta-sgd initialisation adapts at its learned rates");
+    if args.lr.is_some() && (algo.learns_inner_lr() || config.algo.per_step_lrs) {
+        bail!("--lr does not apply: this initialisation adapts at its learned inner rates");
     }
     let lr = args.lr.unwrap_or_else(|| config.eval_inner_lr());
     if !(lr.is_finite() && lr >= 0.0) {
@@ -92,14 +92,15 @@ pub fn run(args: AdaptArgs) -> Result<()> {
         ModelKind::Mlp | ModelKind::MlpLn => Examples::regression(&args.support, &args.query, spec.in_features)?,
         ModelKind::Conv4 => {
             let ex = Examples::images(&args.support, &args.query, args.invert, spec.outputs)?;
-            narrow_head(&spec, &mut params, ex.classes.len());
+            narrow_head(&spec, &mut params, ex.classes.len(), algo.learns_inner_lr());
             ex
         }
     };
     let spec = ModelSpec { outputs: examples.outputs(spec.outputs), ..spec };
     let theta: Vec<Tensor> = params.iter().map(|t| t.set_requires_grad(true)).collect();
     let (model, extra) = split(&spec, &theta);
-    let adapted = adapt_with(&spec, model, &examples.task, &inner, false, rule(algo, extra));
+    let rule = rule(algo, config.algo.per_step_lrs, extra);
+    let adapted = adapt_each(&spec, model, &examples.task, &inner, false, rule, algo.head_only(), &mut |_, _| {});
     let (before, after) = tch::no_grad(|| {
         (forward(&spec, model, &examples.task.query_x), forward(&spec, &adapted, &examples.task.query_x))
     });
@@ -110,7 +111,8 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     if !s1.is_finite() || after.isfinite().all().int64_value(&[]) != 1 {
         bail!("adaptation diverged (support loss {s0:.4} → {s1}); lower --lr or --steps");
     }
-    let how = if algo.learns_inner_lr() { "learned rates".to_string() } else { format!("lr {lr}") };
+    let learned = algo.learns_inner_lr() || config.algo.per_step_lrs;
+    let how = if learned { "learned rates".to_string() } else { format!("lr {lr}") };
     println!(
         "adapted {} ({}) on {} support examples: {steps} steps at {how}{}; support loss {s0:.4} → {s1:.4}",
         args.params.display(),
@@ -181,12 +183,12 @@ fn load_params(path: &Path, config_path: Option<&Path>) -> Result<(Config, Vec<T
 /// coordinator's `report::CONFIG_METADATA_KEY`; the worker does not link the coordinator).
 const CONFIG_METADATA_KEY: &str = "metatrain.config";
 
-/// Keeps the head's first `n` outputs (and, for Meta-SGD, their rates): a support set of fewer classes
-/// than the model was meta-trained for.
-fn narrow_head(spec: &ModelSpec, params: &mut [Tensor], n: usize) {
+/// Keeps the head's first `n` outputs (and, with Meta-SGD's per-entry rates, their rates): a support
+/// set of fewer classes than the model was meta-trained for.
+fn narrow_head(spec: &ModelSpec, params: &mut [Tensor], n: usize, per_entry_rates: bool) {
     let model_len = spec.layout().params.len();
     let heads = [model_len - 2, model_len - 1];
-    let rate_heads = heads.map(|i| i + model_len);
+    let rate_heads = heads.map(|i| i + model_len).into_iter().filter(|_| per_entry_rates);
     for i in heads.into_iter().chain(rate_heads) {
         if let Some(t) = params.get(i) {
             params[i] = t.narrow(0, 0, n as i64).contiguous();

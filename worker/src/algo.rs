@@ -6,7 +6,9 @@
 //!
 //! Inner loop: `inner_steps` SGD steps on the support loss, each inner gradient clamped elementwise to
 //! `[-c, c]`. Which parameters move, and at what rate, is the algorithm's [`Rule`]: all at `inner_lr`
-//! (MAML, FOMAML, Reptile), the head only (ANIL), or each entry at its own learned rate (Meta-SGD).
+//! (MAML, FOMAML, Reptile), the head only (ANIL), each entry at its own learned rate (Meta-SGD), or each
+//! tensor at a learned rate per step (MAML++'s LSLR). MAML++'s other options enter through a [`Plan`]:
+//! a multi-step loss (weighted query losses after every step) and first-order meta-steps.
 //! Second-order algorithms compute the inner gradients with `create_graph`, so the final query loss
 //! differentiates through the whole adaptation; first-order ones treat them as constants. Reptile
 //! returns θ − θ′ instead of a derivative.
@@ -14,7 +16,7 @@
 //! `params` is the run's meta-parameter list ([`metatrain_common::layout::meta_layout`]): the model's
 //! tensors, then Meta-SGD's learned rates; [`split`] separates them.
 
-use metatrain_common::config::AlgoKind;
+use metatrain_common::config::{AlgoConfig, AlgoKind};
 use metatrain_common::layout::ModelSpec;
 use tch::Tensor;
 
@@ -80,17 +82,51 @@ pub enum Rule<'a> {
     Head,
     /// Every entry at its own learned rate (Meta-SGD): `rates[i]` is shaped like `params[i]`.
     Learned(&'a [Tensor]),
+    /// Every adapting tensor at a learned rate per inner step (MAML++'s LSLR): `[inner_steps]` tensors
+    /// for the last `rates.len()` model tensors (all of them; ANIL: the head's two).
+    PerStep(&'a [Tensor]),
 }
 
-/// The model's tensors and the algorithm's extra meta-parameters (Meta-SGD's rates; empty otherwise).
+/// How one meta-step treats its tasks; MAML++'s schedules set it per meta-step
+/// ([`AlgoConfig::second_order_at`], [`AlgoConfig::step_loss_weights`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Differentiate through the inner gradients.
+    pub second_order: bool,
+    /// Weights of the query losses after inner steps 1..=K (multi-step loss); `None`: the final one alone.
+    pub step_weights: Option<Vec<f64>>,
+    /// The meta-parameters hold learned per-step rates (MAML++'s LSLR).
+    pub per_step_lrs: bool,
+}
+
+impl Plan {
+    /// The algorithm as such: its own order, the final query loss, fixed rates.
+    pub fn plain(algo: AlgoKind) -> Plan {
+        Plan { second_order: algo.second_order(), step_weights: None, per_step_lrs: false }
+    }
+
+    /// The plan of meta-step `step` under `algo`'s options.
+    pub fn at(algo: &AlgoConfig, step: u64) -> Plan {
+        Plan {
+            second_order: algo.second_order_at(step),
+            step_weights: algo.step_loss_weights(step),
+            per_step_lrs: algo.per_step_lrs,
+        }
+    }
+}
+
+/// The model's tensors and the algorithm's extra meta-parameters (learned rates; empty otherwise).
 pub fn split<'a>(spec: &ModelSpec, params: &'a [Tensor]) -> (&'a [Tensor], &'a [Tensor]) {
     params.split_at(spec.layout().params.len().min(params.len()))
 }
 
-/// The inner-loop rule of `algo`, given the extra meta-parameters [`split`] returned.
-pub fn rule(algo: AlgoKind, extra: &[Tensor]) -> Rule<'_> {
+/// The inner-loop rule of `algo` (with learned per-step rates when `per_step_lrs`), given the extra
+/// meta-parameters [`split`] returned.
+pub fn rule(algo: AlgoKind, per_step_lrs: bool, extra: &[Tensor]) -> Rule<'_> {
     if algo.learns_inner_lr() {
         Rule::Learned(extra)
+    } else if per_step_lrs {
+        Rule::PerStep(extra)
     } else if algo.head_only() {
         Rule::Head
     } else {
@@ -98,11 +134,21 @@ pub fn rule(algo: AlgoKind, extra: &[Tensor]) -> Rule<'_> {
     }
 }
 
-/// Indices of the tensors `rule` moves among `n` model tensors.
-fn moving(rule: Rule, n: usize) -> std::ops::Range<usize> {
+/// Indices of the tensors `rule` moves among `n` model tensors (ANIL: the head, even with per-step rates).
+fn moving(rule: Rule, head_only: bool, n: usize) -> std::ops::Range<usize> {
     match rule {
         Rule::Head => n.saturating_sub(2)..n,
-        Rule::All | Rule::Learned(_) => 0..n,
+        Rule::PerStep(_) if head_only => n.saturating_sub(2)..n,
+        Rule::All | Rule::Learned(_) | Rule::PerStep(_) => 0..n,
+    }
+}
+
+/// Tensor `i` of `n` after inner step `k` (0-based) with clamped gradient `g`.
+fn step_tensor(rule: Rule, p: &Tensor, g: Tensor, (i, n): (usize, usize), k: usize, lr: f64) -> Tensor {
+    match rule {
+        Rule::Learned(rates) => p - &rates[i] * g,
+        Rule::PerStep(rates) => p - rates[i + rates.len() - n].get(k as i64) * g,
+        Rule::All | Rule::Head => p - g * lr,
     }
 }
 
@@ -128,18 +174,32 @@ pub fn adapt_with(
     create_graph: bool,
     rule: Rule,
 ) -> Vec<Tensor> {
+    adapt_each(spec, params, task, inner, create_graph, rule, false, &mut |_, _| {})
+}
+
+/// [`adapt_with`], calling `after_step(k, θ_k)` after every inner step k = 1..=K (the multi-step loss
+/// scores each). `head_only` restricts per-step rates to the head (ANIL with MAML++'s LSLR).
+#[allow(clippy::too_many_arguments)]
+pub fn adapt_each(
+    spec: &ModelSpec,
+    params: &[Tensor],
+    task: &TaskTensors,
+    inner: &InnerLoop,
+    create_graph: bool,
+    rule: Rule,
+    head_only: bool,
+    after_step: &mut dyn FnMut(usize, &[Tensor]),
+) -> Vec<Tensor> {
     let mut fast: Vec<Tensor> = params.iter().map(|p| p.shallow_clone()).collect();
-    let moved = moving(rule, fast.len());
-    for _ in 0..inner.steps {
+    let n = fast.len();
+    let moved = moving(rule, head_only, n);
+    for k in 0..inner.steps {
         let support_loss = loss(&forward(spec, &fast, &task.support_x), &task.support_y);
         let grads = Tensor::run_backward(&[&support_loss], &fast[moved.clone()], create_graph, create_graph);
         for (i, g) in moved.clone().zip(grads) {
-            let g = clamp(g, inner.clamp);
-            fast[i] = match rule {
-                Rule::Learned(rates) => &fast[i] - &rates[i] * g,
-                Rule::All | Rule::Head => &fast[i] - g * inner.lr,
-            };
+            fast[i] = step_tensor(rule, &fast[i], clamp(g, inner.clamp), (i, n), k, inner.lr);
         }
+        after_step(k + 1, &fast);
     }
     fast
 }
@@ -158,7 +218,7 @@ pub fn leaves(params: &[Tensor]) -> Vec<Tensor> {
 }
 
 /// Meta-training: adapt, then differentiate the query loss with respect to the initial meta-parameters
-/// (Reptile: return θ − θ′).
+/// (Reptile: return θ − θ′). The algorithm as such ([`Plan::plain`]).
 pub fn meta_gradient(
     spec: &ModelSpec,
     algo: AlgoKind,
@@ -166,28 +226,57 @@ pub fn meta_gradient(
     task: &TaskTensors,
     inner: &InnerLoop,
 ) -> TaskOutput {
+    meta_gradient_with(spec, algo, &Plan::plain(algo), params, task, inner)
+}
+
+/// [`meta_gradient`] under a [`Plan`]: the order of differentiation, the multi-step loss's weights and
+/// per-step rates that MAML++'s options give the meta-step.
+pub fn meta_gradient_with(
+    spec: &ModelSpec,
+    algo: AlgoKind,
+    plan: &Plan,
+    params: &[Tensor],
+    task: &TaskTensors,
+    inner: &InnerLoop,
+) -> TaskOutput {
     let theta = leaves(params);
     let (model, extra) = split(spec, &theta);
     let (pre_loss, pre_accuracy) = evaluate(spec, model, task);
-    let rule = rule(algo, extra);
+    let rule = rule(algo, plan.per_step_lrs, extra);
     if algo == AlgoKind::Reptile {
         let adapted = adapt_with(spec, model, task, inner, false, rule);
         let (post_loss, post_accuracy) = evaluate(spec, &adapted, task);
         let delta = model.iter().zip(&adapted).map(|(t, a)| (t - a).detach()).collect();
         return TaskOutput { meta_gradient: Some(delta), pre_loss, post_loss, pre_accuracy, post_accuracy };
     }
-    let adapted = adapt_with(spec, model, task, inner, algo.second_order(), rule);
+    // Multi-step loss: the weighted query losses of the intermediate steps (the final one is added below).
+    let mut objective: Option<Tensor> = None;
+    let weights = plan.step_weights.as_deref().filter(|w| w.len() == inner.steps && inner.steps > 1);
+    let adapted = adapt_each(spec, model, task, inner, plan.second_order, rule, algo.head_only(), &mut |k, fast| {
+        if let Some(w) = weights.filter(|_| k < inner.steps) {
+            let l = loss(&forward(spec, fast, &task.query_x), &task.query_y) * w[k - 1];
+            objective = Some(match objective.take() {
+                Some(sum) => sum + l,
+                None => l,
+            });
+        }
+    });
     let out = forward(spec, &adapted, &task.query_x);
     let query_loss = loss(&out, &task.query_y);
     let post_accuracy = tch::no_grad(|| accuracy(&out, &task.query_y));
     let post_loss = query_loss.double_value(&[]);
-    let meta_gradient = Tensor::run_backward(&[&query_loss], &theta, false, false);
+    let objective = match (objective, weights) {
+        (Some(sum), Some(w)) => sum + &query_loss * w[inner.steps - 1],
+        _ => query_loss,
+    };
+    let meta_gradient = Tensor::run_backward(&[&objective], &theta, false, false);
     TaskOutput { meta_gradient: Some(meta_gradient), pre_loss, post_loss, pre_accuracy, post_accuracy }
 }
 
 /// Meta-testing: losses and accuracy before and after first-order adaptation by `algo`'s rule; no
 /// meta-gradient. The per-task reference that the worker's batched evaluation
 /// ([`crate::batched::evaluate`]) is tested against.
+#[cfg(test)]
 pub fn evaluate_task(
     spec: &ModelSpec,
     algo: AlgoKind,
@@ -195,22 +284,33 @@ pub fn evaluate_task(
     task: &TaskTensors,
     inner: &InnerLoop,
 ) -> TaskOutput {
+    evaluate_task_with(spec, algo, false, params, task, inner)
+}
+
+/// [`evaluate_task`], at learned per-step rates when `per_step_lrs`.
+pub fn evaluate_task_with(
+    spec: &ModelSpec,
+    algo: AlgoKind,
+    per_step_lrs: bool,
+    params: &[Tensor],
+    task: &TaskTensors,
+    inner: &InnerLoop,
+) -> TaskOutput {
     let theta = leaves(params);
     let (model, extra) = split(spec, &theta);
-    let rule = rule(algo, extra);
+    let rule = rule(algo, per_step_lrs, extra);
     let (pre_loss, pre_accuracy) = evaluate(spec, model, task);
     let mut fast: Vec<Tensor> = model.iter().map(|t| t.shallow_clone()).collect();
-    let moved = moving(rule, fast.len());
-    for _ in 0..inner.steps {
+    let n = fast.len();
+    let moved = moving(rule, algo.head_only(), n);
+    for k in 0..inner.steps {
         let support_loss = loss(&forward(spec, &fast, &task.support_x), &task.support_y);
         let grads = Tensor::run_backward(&[&support_loss], &fast[moved.clone()], false, false);
         for (i, g) in moved.clone().zip(grads) {
-            let g = clamp(g, inner.clamp);
-            let step = match rule {
-                Rule::Learned(rates) => &fast[i] - rates[i].detach() * g,
-                Rule::All | Rule::Head => &fast[i] - g * inner.lr,
-            };
-            fast[i] = step.detach().set_requires_grad(true);
+            // Detached: evaluation builds no graph across steps.
+            fast[i] = step_tensor(rule, &fast[i], clamp(g, inner.clamp), (i, n), k, inner.lr)
+                .detach()
+                .set_requires_grad(true);
         }
     }
     let (post_loss, post_accuracy) = evaluate(spec, &fast, task);

@@ -8,8 +8,8 @@
 //! A task's result does not depend on the batch it lands in (tested), so a run stays reproducible
 //! whatever the number of workers and their batch sizes.
 //!
-//! **Except** Reptile, ANIL and Meta-SGD meta-gradients (and ANIL and Meta-SGD evaluation), which the
-//! batched path does not implement, and **conv4 on CPU**, which runs one task at a time ([`crate::algo`]): its convolutions already keep
+//! **Except** Reptile, ANIL and Meta-SGD meta-gradients, MAML++'s options (and ANIL, Meta-SGD and
+//! per-step-rate evaluation), which the batched path does not implement, and **conv4 on CPU**, which runs one task at a time ([`crate::algo`]): its convolutions already keep
 //! a core busy, and the grouped convolutions of the batched path were measured slower there (0.85× the
 //! per-task loop for MAML, 0.7× for FOMAML, `bench/run.sh worker`). The choice depends only on the model
 //! and the kind of device, never on timing, so results stay independent of batching.
@@ -26,7 +26,7 @@ use metatrain_common::task::{generate, Datasets};
 use metatrain_common::tensor::Dtype;
 use tch::{Device, Kind};
 
-use crate::algo::{evaluate_task, meta_gradient, InnerLoop, TaskOutput, TaskTensors};
+use crate::algo::{evaluate_task_with, meta_gradient_with, InnerLoop, Plan, TaskOutput, TaskTensors};
 use crate::batched::{evaluate, meta_gradients, TaskBatch};
 use crate::tensors::{flat_from_tensors, params_from_flat, task_tensors};
 
@@ -169,9 +169,13 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
         }
     } else {
         rest.iter()
-            .map(|task| match mode {
-                Mode::Train => meta_gradient(&ctx.spec, algo.name, &params, task, &inner),
-                Mode::Eval => evaluate_task(&ctx.spec, algo.name, &params, task, &inner),
+            .zip(&jobs)
+            .map(|(task, (job, _))| match mode {
+                Mode::Train => {
+                    let plan = Plan::at(algo, job.assignment.spec.step);
+                    meta_gradient_with(&ctx.spec, algo.name, &plan, &params, task, &inner)
+                }
+                Mode::Eval => evaluate_task_with(&ctx.spec, algo.name, algo.per_step_lrs, &params, task, &inner),
             })
             .collect()
     };
@@ -190,10 +194,15 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
 fn batching_pays(config: &Config, spec: &ModelSpec, device: Device, mode: Mode) -> bool {
     // The batched path implements MAML and FOMAML meta-gradients, and evaluation that moves every
     // parameter at the inner learning rate (MAML, FOMAML, Reptile).
-    let algo = config.algo.name;
+    // None of MAML++'s options is batched.
+    let a = &config.algo;
+    let algo = a.name;
     let implemented = match mode {
-        Mode::Train => matches!(algo, AlgoKind::Maml | AlgoKind::Fomaml),
-        Mode::Eval => matches!(algo, AlgoKind::Maml | AlgoKind::Fomaml | AlgoKind::Reptile),
+        Mode::Train => {
+            matches!(algo, AlgoKind::Maml | AlgoKind::Fomaml)
+                && !(a.multi_step_loss || a.per_step_lrs || a.first_order_steps > 0)
+        }
+        Mode::Eval => matches!(algo, AlgoKind::Maml | AlgoKind::Fomaml | AlgoKind::Reptile) && !a.per_step_lrs,
     };
     // Mixed precision is implemented in the batched path only (and the config allows it only there).
     implemented

@@ -12,7 +12,9 @@ use metatrain_common::config::{AlgoKind, ModelKind};
 use metatrain_common::layout::ModelSpec;
 use tch::{Kind, Tensor};
 
-use crate::algo::{adapt, adapt_with, leaves, meta_gradient, rule, split, InnerLoop, TaskTensors};
+use crate::algo::{
+    adapt, adapt_each, adapt_with, leaves, meta_gradient, meta_gradient_with, rule, split, InnerLoop, Plan, TaskTensors,
+};
 use crate::model::{forward, loss, TargetTensor};
 use crate::tensors::params_from_flat;
 use metatrain_common::rng::{keyed_rng, normal, uniform};
@@ -242,7 +244,7 @@ fn adapted_query_loss_by(
 ) -> f64 {
     let meta = leaves(meta);
     let (model, extra) = split(spec, &meta);
-    let adapted = adapt_with(spec, model, task, inner, false, rule(algo, extra));
+    let adapted = adapt_with(spec, model, task, inner, false, rule(algo, false, extra));
     loss(&forward(spec, &adapted, &task.query_x), &task.query_y).double_value(&[])
 }
 
@@ -375,7 +377,7 @@ fn fd_gradient(f: &dyn Fn(&[Tensor]) -> f64, theta: &[Tensor]) -> Vec<Tensor> {
         .map(|(i, t)| {
             let mut values = Vec::with_capacity(t.numel());
             for k in 0..t.numel() as i64 {
-                let mut v: Vec<Tensor> = theta.iter().map(|t| t.zeros_like()).collect();
+                let v: Vec<Tensor> = theta.iter().map(|t| t.zeros_like()).collect();
                 let _ = v[i].view(-1).get(k).fill_(1.0);
                 values.push((f(&shifted(theta, &v, EPS)) - f(&shifted(theta, &v, -EPS))) / (2.0 * EPS));
             }
@@ -409,4 +411,110 @@ fn reptile_returns_the_move_of_an_adaptation_made_without_autograd() {
     println!("Reptile θ − θ′ vs the finite-difference adaptation: max abs err {err:.2e} (largest move {scale:.3e}; {clamped} entries at the clamp in some step)");
     assert!(scale > 1e-3, "the adaptation must move the parameters");
     assert!(err < 1e-7 * scale.max(1.0), "Reptile's move disagrees with the oracle: {err:e}");
+}
+
+/// MAML++'s objective by finite differences' lights: Σ_k w_k L_query(θ_k) after first-order adaptation
+/// at per-step rates (`meta`: the model's tensors, then one `[K]` rate tensor per model tensor).
+fn multi_step_objective(
+    spec: &ModelSpec,
+    algo: AlgoKind,
+    meta: &[Tensor],
+    task: &TaskTensors,
+    inner: &InnerLoop,
+    w: &[f64],
+) -> f64 {
+    let meta = leaves(meta);
+    let (model, extra) = split(spec, &meta);
+    let mut total = 0.0;
+    let q = |p: &[Tensor]| loss(&forward(spec, p, &task.query_x), &task.query_y).double_value(&[]);
+    let last =
+        adapt_each(spec, model, task, inner, false, rule(algo, true, extra), algo.head_only(), &mut |k, fast| {
+            if k < inner.steps {
+                total += w[k - 1] * q(fast);
+            }
+        });
+    total + w[inner.steps - 1] * q(&last)
+}
+
+#[test]
+fn maml_plus_plus_multi_step_loss_and_per_step_rates_match_finite_differences() {
+    for (spec, algo, image, seed, coords) in [
+        (
+            ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 },
+            AlgoKind::Maml,
+            false,
+            101,
+            &["inner_lr.layer1.weight", "inner_lr.norm2.bias", "inner_lr.layer3.bias", "norm1.weight"][..],
+        ),
+        (
+            ModelSpec { kind: ModelKind::Conv4, in_features: 784, outputs: 3 },
+            AlgoKind::Maml,
+            true,
+            102,
+            &["inner_lr.bn2.weight", "inner_lr.head.weight", "conv1.weight"][..],
+        ),
+        (
+            ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 },
+            AlgoKind::Anil,
+            false,
+            103,
+            &["inner_lr.layer3.weight", "inner_lr.layer3.bias", "layer1.weight"][..],
+        ),
+    ] {
+        let inner = InnerLoop { steps: 3, lr: 0.0, clamp: f64::INFINITY };
+        let theta = params(&spec, seed);
+        // Per-step rates in [0.025, 0.075), different for every tensor and step (larger ones make the
+        // objective curved enough that central differences at 1e-6 lose digits on conv4).
+        let scale = 0.05;
+        // One rate tensor per adapting model tensor (ANIL: the head's two), as the layout has them.
+        let adapting = if algo == AlgoKind::Anil { 2 } else { theta.len() };
+        let rates: Vec<Tensor> = (0..adapting).map(|_| rand01(&[3]) * scale + scale * 0.5).collect();
+        let meta: Vec<Tensor> = theta.iter().chain(&rates).map(|t| t.shallow_clone()).collect();
+        let mut names = model_names(&spec);
+        let rate_names: Vec<String> = model_names(&spec).iter().map(|n| format!("inner_lr.{n}")).collect();
+        names.extend(rate_names[theta.len() - adapting..].iter().cloned());
+        seeded(seed);
+        let task = if image { image_task(3, 2, 2) } else { regression_task(2, 10, 8) };
+        let w = [0.15, 0.25, 0.6];
+        let plan = Plan { second_order: true, step_weights: Some(w.to_vec()), per_step_lrs: true };
+        let g = meta_gradient_with(&spec, algo, &plan, &meta, &task, &inner).meta_gradient.expect("g");
+        let mut worst: f64 = 0.0;
+        for v in directions(&meta, &names, coords, 4) {
+            let f = |h: f64| multi_step_objective(&spec, algo, &shifted(&meta, &v, h), &task, &inner, &w);
+            let fd = (f(EPS) - f(-EPS)) / (2.0 * EPS);
+            // Relative to at least 1e-2: conv4's three-step loss carries f64 round-off of ~1e-15, which
+            // central differences at 1e-6 turn into ~1e-9 of noise (a larger step crosses ReLU kinks).
+            worst = worst.max((dot(&g, &v) - fd).abs() / fd.abs().max(1e-2));
+        }
+        let rate_norm: f64 =
+            g[theta.len()..].iter().map(|t| t.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+        println!(
+            "{:?} {algo:?} K=3 MAML++ (multi-step loss {w:?}, per-step rates) vs finite differences: max rel err {worst:.2e}; |dL/dα| {rate_norm:.3e}",
+            spec.kind
+        );
+        assert!(worst < TOL, "MAML++ meta-gradient disagrees with finite differences: {worst:e}");
+        assert!(rate_norm > 1e-6, "the per-step rates get no gradient");
+    }
+}
+
+#[test]
+fn a_first_order_plan_is_fomaml_and_a_plain_plan_is_the_algorithm() {
+    let spec = ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 };
+    seeded(111);
+    let theta = params(&spec, 111);
+    let task = regression_task(2, 10, 8);
+    let inner = InnerLoop { steps: 2, lr: 0.05, clamp: 10.0 };
+    let max_diff = |a: &[Tensor], b: &[Tensor]| {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max)
+    };
+    let first = Plan { second_order: false, step_weights: None, per_step_lrs: false };
+    let g_fo = meta_gradient_with(&spec, AlgoKind::Maml, &first, &theta, &task, &inner).meta_gradient.expect("g");
+    let g_fomaml = meta_gradient(&spec, AlgoKind::Fomaml, &theta, &task, &inner).meta_gradient.expect("g");
+    let g_maml = meta_gradient(&spec, AlgoKind::Maml, &theta, &task, &inner).meta_gradient.expect("g");
+    assert_eq!(max_diff(&g_fo, &g_fomaml), 0.0, "MAML's first-order phase is FOMAML");
+    assert!(max_diff(&g_fo, &g_maml) > 1e-6, "and differs from second-order MAML");
+    // A one-hot multi-step weight on the last step is the plain objective.
+    let last = Plan { second_order: true, step_weights: Some(vec![0.0, 1.0]), per_step_lrs: false };
+    let g_last = meta_gradient_with(&spec, AlgoKind::Maml, &last, &theta, &task, &inner).meta_gradient.expect("g");
+    assert!(max_diff(&g_last, &g_maml) < 1e-12);
 }

@@ -9,6 +9,7 @@ use thiserror::Error;
 
 mod curriculum;
 mod images;
+mod schedule;
 pub use curriculum::{
     Aggregation, CorruptConfig, Corruption, CurriculumConfig, DefenceConfig, QuarantineMode, Schedule,
     MAX_DEFENCE_WINDOW,
@@ -236,6 +237,20 @@ pub struct AlgoConfig {
     /// bf16 units: parameters and data are cast to bf16 for the inner loop and the meta-gradient, which
     /// is returned as f32). A run-wide setting, so every worker computes alike.
     pub compute_dtype: ComputeDtype,
+    /// MAML++ multi-step loss: the meta-objective is a weighted sum of the query losses after every
+    /// inner step, the weights annealed towards the final step's over `msl_anneal_steps` meta-steps
+    /// ([`AlgoConfig::step_loss_weights`]). Default false.
+    pub multi_step_loss: bool,
+    /// Meta-steps over which the multi-step loss anneals to (almost) the final step alone. Default 1000.
+    pub msl_anneal_steps: u64,
+    /// MAML++ per-layer per-step learned inner rates (LSLR): one rate per parameter tensor and inner
+    /// step, meta-learned with the initialisation (starting at `inner_lr`; in the layout as
+    /// `inner_lr.<parameter>`, shape `[inner_steps]`). Evaluation then adapts `inner_steps` steps at the
+    /// learned rates. Default false.
+    pub per_step_lrs: bool,
+    /// MAML++ derivative-order annealing: the first this many meta-steps are first order, the rest as
+    /// the algorithm says (second order for maml, anil, meta-sgd). Default 0.
+    pub first_order_steps: u64,
 }
 
 /// See [`AlgoConfig::compute_dtype`].
@@ -255,6 +270,10 @@ impl Default for AlgoConfig {
             inner_lr: 0.01,
             inner_grad_clamp: 10.0,
             compute_dtype: ComputeDtype::F32,
+            multi_step_loss: false,
+            msl_anneal_steps: 1000,
+            per_step_lrs: false,
+            first_order_steps: 0,
         }
     }
 }
@@ -276,6 +295,20 @@ pub struct TrainConfig {
     pub adam_eps: f64,
     /// The averaged meta-gradient is rescaled to this global L2 norm when larger. Default 10.
     pub max_grad_norm: f64,
+    /// `constant` (default) or `cosine`: the meta learning rate decays from `meta_lr` to `min_meta_lr`
+    /// along a half cosine over `steps` (MAML++; [`TrainConfig::meta_lr_at`]).
+    pub lr_schedule: LrSchedule,
+    /// Final meta learning rate of the cosine schedule. Default 0.
+    pub min_meta_lr: f64,
+}
+
+/// See [`TrainConfig::lr_schedule`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    Cosine,
 }
 
 impl Default for TrainConfig {
@@ -288,6 +321,8 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_eps: 1e-8,
             max_grad_norm: 10.0,
+            lr_schedule: LrSchedule::Constant,
+            min_meta_lr: 0.0,
         }
     }
 }
@@ -373,7 +408,10 @@ impl Config {
         let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
         // An adaptive curriculum advances on the periodic evaluations' losses: then they steer the run.
         let adaptive = [self, other].iter().any(|c| c.curriculum.schedule == Schedule::Adaptive);
-        let steers = |k: &str| adaptive && k.starts_with("eval.") && k != "eval.final_tasks";
+        // A cosine schedule spans train.steps: then the run's length shapes every update.
+        let cosine = [self, other].iter().any(|c| c.train.lr_schedule == LrSchedule::Cosine);
+        let steers =
+            |k: &str| (adaptive && k.starts_with("eval.") && k != "eval.final_tasks") || (cosine && k == "train.steps");
         keys.into_iter()
             .filter(|k| {
                 steers(k) || NOT_RESUMABLE.contains(&k.as_str()) || !RESUMABLE_PREFIXES.iter().any(|p| k.starts_with(p))
@@ -463,6 +501,7 @@ impl Config {
                 "meta-sgd learns inner learning rates: needs at least 1 inner step",
             ));
         }
+        schedule::validate(a, &self.train)?;
         if a.compute_dtype == ComputeDtype::Bf16 && !matches!(a.name, AlgoKind::Maml | AlgoKind::Fomaml) {
             return Err(invalid(
                 "algo.compute_dtype",
@@ -528,10 +567,11 @@ impl Config {
         self.eval.inner_lr.unwrap_or(self.algo.inner_lr)
     }
 
-    /// Inner steps used at evaluation: `eval.inner_steps`, except for Meta-SGD, whose learned rates are
-    /// tuned for `algo.inner_steps` steps (ten steps at rates learned for one diverge).
+    /// Inner steps used at evaluation: `eval.inner_steps`, except with learned inner rates (Meta-SGD,
+    /// `algo.per_step_lrs`), which are tuned for `algo.inner_steps` steps (ten steps at rates learned for
+    /// one diverge).
     pub fn eval_inner_steps(&self) -> usize {
-        if self.algo.name.learns_inner_lr() {
+        if self.algo.name.learns_inner_lr() || self.algo.per_step_lrs {
             self.algo.inner_steps
         } else {
             self.eval.inner_steps
