@@ -36,6 +36,8 @@ use crate::rng::{keyed_rng, normal, uniform};
 
 pub mod corrupt;
 pub mod episode;
+#[cfg(test)]
+mod tests_omniglot;
 
 pub use episode::{episode_difficulty, EpisodeShape, EpisodeSource};
 
