@@ -27,6 +27,11 @@
 //! touches at most 5 source rows or columns — and is done in exact integer arithmetic: on a grid of 1/28 of a
 //! source pixel every overlap is an integer, so every output is `k / 11025` for an integer `k`, correctly
 //! rounded to `f32`.
+//!
+//! # Classes
+//!
+//! [`classes`] turns the loaded sets into the classes episodes are drawn from (optionally four rotations
+//! per character), and [`split`] is MAML's split of the merged 1,623 characters (1,200 / 423).
 
 use std::fmt;
 use std::io::{self, Read, Seek};
@@ -557,7 +562,9 @@ fn check_labels(r: &mut impl Read, n_chars: usize) -> Result<(), OmniglotError> 
 }
 
 pub mod alphabets;
+pub mod classes;
 mod npy;
+pub mod split;
 #[cfg(test)]
 mod tests;
 
