@@ -12,8 +12,9 @@ pub const DEFAULT_EVAL_FRACTION: f64 = 0.2;
 /// Most classes an images episode may have (`task.n_way`): the model's head has this many outputs, and a
 /// folder holds at most [`crate::images::MAX_CLASSES`] classes anyway.
 pub const MAX_IMAGES_N_WAY: usize = 10_000;
-/// Most images one episode may hold, `n_way × (k_shot + q_query)`: 20,000 images of 28×28 f32 are 63 MB
-/// per task in memory, a little above Omniglot's largest episode (659 × 20 = 13,180).
+/// Most images one episode may hold, `n_way × (k_shot + q_query)`, for `images` and `omniglot` tasks: 20,000
+/// images of 28×28 f32 are 63 MB per task in memory, a little above Omniglot's largest episode without
+/// rotations (659 × 20 = 13,180).
 pub const MAX_EPISODE_IMAGES: usize = 20_000;
 
 /// N-way K-shot episodes over the classes of an image folder.

@@ -9,12 +9,14 @@ use thiserror::Error;
 
 mod curriculum;
 mod images;
+mod omniglot;
 mod schedule;
 pub use curriculum::{
     Aggregation, CorruptConfig, Corruption, CurriculumConfig, DefenceConfig, QuarantineMode, Schedule,
     MAX_DEFENCE_WINDOW,
 };
 pub use images::{ImagesTaskConfig, DEFAULT_EVAL_FRACTION, MAX_EPISODE_IMAGES, MAX_IMAGES_N_WAY};
+pub use omniglot::{OmniglotSplit, OmniglotTaskConfig, OMNIGLOT_BACKGROUND_CHARACTERS};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum ConfigError {
@@ -112,20 +114,6 @@ impl RegressionTaskConfig {
     pub fn noisy_linear_default() -> Self {
         RegressionTaskConfig { support: 30, query: 20 }
     }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OmniglotTaskConfig {
-    /// Classes per episode (N). Default 5.
-    #[serde(default = "default_n_way")]
-    pub n_way: usize,
-    /// Support images per class (K). Default 1.
-    #[serde(default = "default_k_shot")]
-    pub k_shot: usize,
-    /// Query images per class (Q). Default 15. K + Q must be at most 20 (drawers per character).
-    #[serde(default = "default_q_query")]
-    pub q_query: usize,
 }
 
 pub(crate) fn default_n_way() -> usize {
@@ -460,29 +448,7 @@ impl Config {
                     return Err(invalid("model.name", "conv4 takes images: use it with task.distribution = \"omniglot\" or \"images\"; regression tasks take \"mlp\" or \"mlp-ln\""));
                 }
             }
-            TaskConfig::Omniglot(o) => {
-                if !(2..=OMNIGLOT_MIN_SPLIT_CHARACTERS).contains(&o.n_way) {
-                    return Err(invalid(
-                        "task.n_way",
-                        format!(
-                            "must be in 2..={OMNIGLOT_MIN_SPLIT_CHARACTERS} (Omniglot's evaluation split has {OMNIGLOT_MIN_SPLIT_CHARACTERS} characters), got {}",
-                            o.n_way
-                        ),
-                    ));
-                }
-                if o.k_shot == 0 || o.q_query == 0 || o.k_shot + o.q_query > 20 {
-                    return Err(invalid(
-                        "task.k_shot",
-                        format!(
-                            "k_shot ≥ 1, q_query ≥ 1 and k_shot + q_query ≤ 20 (Omniglot has 20 drawings per character); got {} + {}",
-                            o.k_shot, o.q_query
-                        ),
-                    ));
-                }
-                if self.model.name != ModelKind::Conv4 {
-                    return Err(invalid("model.name", "omniglot tasks take model \"conv4\""));
-                }
-            }
+            TaskConfig::Omniglot(o) => o.validate(self.model.name)?,
             TaskConfig::Images(i) => i.validate(self.model.name)?,
         }
         let a = &self.algo;

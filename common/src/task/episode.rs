@@ -4,9 +4,13 @@
 //! from the spec's episode stream. Labels are the classes' positions in the draw, so they carry no
 //! information across tasks. The difficulty is the share of the episode's classes that have a group-mate in
 //! it (Omniglot: the alphabet; a folder: the parent directory), and a spec's competence caps it by rejection.
+//!
+//! Omniglot episodes draw from an [`OmniglotClasses`] (the run's characters, possibly rotated); drawing from
+//! an [`OmniglotSet`] directly is the same as from all its characters without rotations.
 
 use super::{Examples, Split, Targets, TaskData, TaskError, TaskSpec, OMNIGLOT_DRAWS, PURPOSE_EPISODE};
 use crate::images::ImageFolder;
+use crate::omniglot::classes::OmniglotClasses;
 use crate::omniglot::{OmniglotSet, DRAWERS, PIXELS, SIDE};
 use crate::rng::choose_distinct;
 
@@ -16,10 +20,10 @@ pub trait EpisodeSource {
     fn n_classes(&self) -> usize;
     /// Images in class `class` (< `n_classes()`).
     fn class_len(&self, class: usize) -> usize;
-    /// Image `index` (< `class_len(class)`) of class `class`: [`PIXELS`] values.
-    fn image(&self, class: usize, index: usize) -> &[f32];
+    /// Appends image `index` (< `class_len(class)`) of class `class`, [`PIXELS`] values, to `out`.
+    fn push_image(&self, class: usize, index: usize, out: &mut Vec<f32>);
     /// The class's group: classes of one group look alike (Omniglot's alphabets).
-    fn group_of(&self, class: usize) -> u32;
+    fn group_of(&self, class: usize) -> u64;
     /// The class's name, for errors.
     fn class_name(&self, class: usize) -> String;
 }
@@ -31,14 +35,32 @@ impl EpisodeSource for OmniglotSet {
     fn class_len(&self, _class: usize) -> usize {
         DRAWERS
     }
-    fn image(&self, class: usize, index: usize) -> &[f32] {
-        OmniglotSet::image(self, class, index)
+    fn push_image(&self, class: usize, index: usize, out: &mut Vec<f32>) {
+        out.extend_from_slice(self.image(class, index));
     }
-    fn group_of(&self, class: usize) -> u32 {
-        self.alphabet_of(class)
+    fn group_of(&self, class: usize) -> u64 {
+        u64::from(self.alphabet_of(class))
     }
     fn class_name(&self, class: usize) -> String {
         format!("character row {class}")
+    }
+}
+
+impl EpisodeSource for OmniglotClasses<'_> {
+    fn n_classes(&self) -> usize {
+        OmniglotClasses::n_classes(self)
+    }
+    fn class_len(&self, _class: usize) -> usize {
+        OmniglotClasses::class_len(self)
+    }
+    fn push_image(&self, class: usize, index: usize, out: &mut Vec<f32>) {
+        OmniglotClasses::push_image(self, class, index, out)
+    }
+    fn group_of(&self, class: usize) -> u64 {
+        OmniglotClasses::group_of(self, class)
+    }
+    fn class_name(&self, class: usize) -> String {
+        OmniglotClasses::class_name(self, class)
     }
 }
 
@@ -49,11 +71,11 @@ impl EpisodeSource for ImageFolder {
     fn class_len(&self, class: usize) -> usize {
         self.images(class).len()
     }
-    fn image(&self, class: usize, index: usize) -> &[f32] {
-        &self.images(class)[index]
+    fn push_image(&self, class: usize, index: usize, out: &mut Vec<f32>) {
+        out.extend_from_slice(&self.images(class)[index]);
     }
-    fn group_of(&self, class: usize) -> u32 {
-        ImageFolder::group_of(self, class)
+    fn group_of(&self, class: usize) -> u64 {
+        u64::from(ImageFolder::group_of(self, class))
     }
     fn class_name(&self, class: usize) -> String {
         self.classes().get(class).cloned().unwrap_or_default()
@@ -89,7 +111,7 @@ pub fn episode<S: EpisodeSource + ?Sized>(
         let picks = choose_distinct(&mut rng, have, per_class);
         for (j, &i) in picks.iter().enumerate() {
             let dst = if j < shape.k_shot { &mut support } else { &mut query };
-            dst.0.extend_from_slice(set.image(class, i));
+            set.push_image(class, i, &mut dst.0);
             dst.1.push(label as i64);
         }
     }
@@ -136,6 +158,6 @@ pub fn episode_difficulty<S: EpisodeSource + ?Sized>(classes: &[usize], set: &S)
     if classes.len() < 2 {
         return 0.0;
     }
-    let groups: std::collections::BTreeSet<u32> = classes.iter().map(|&c| set.group_of(c)).collect();
+    let groups: std::collections::BTreeSet<u64> = classes.iter().map(|&c| set.group_of(c)).collect();
     (classes.len() - groups.len()) as f64 / (classes.len() - 1) as f64
 }

@@ -11,9 +11,11 @@
 //!   losses (MSE ∝ A²); the phase only shifts the curve and leaves the difficulty alone. With competence c
 //!   the amplitude is drawn from the first c of its range, A ~ U[0.1, 0.1 + 4.9c].
 //! - `noisy-linear`: the noise level's quantile, (σ − 0.01)/0.09; with competence c, σ ~ U[0.01, 0.01 + 0.09c].
-//! - `omniglot`: the share of the episode's characters that have an alphabet-mate in the episode,
+//! - `omniglot`: the share of the episode's classes that have an alphabet-mate in the episode,
 //!   (N − distinct alphabets)/(N − 1): characters of one alphabet look alike and are harder to tell apart
-//!   (Lake's one-shot runs are all within-alphabet). N-way and K-shot are fixed by the run (the model's
+//!   (Lake's one-shot runs are all within-alphabet). With `task.rotations` a class is a (character,
+//!   rotation) pair and keeps its character's alphabet; with `task.split = "maml"` the background and
+//!   evaluation sets' alphabets stay distinct groups. N-way and K-shot are fixed by the run (the model's
 //!   head has N outputs), so they do not vary between tasks. With competence c the episode is drawn
 //!   uniformly among those with difficulty ≤ c (by rejection, [`OMNIGLOT_DRAWS`] tries at most).
 //! - `images`: the same with a class's parent folder as its alphabet (Omniglot's PNG layout
@@ -29,8 +31,10 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::config::{Config, ImagesTaskConfig, OmniglotTaskConfig, RegressionTaskConfig, TaskConfig};
+use crate::config::{Config, ImagesTaskConfig, OmniglotSplit, OmniglotTaskConfig, RegressionTaskConfig, TaskConfig};
 use crate::images::ImageSplits;
+use crate::omniglot::classes::{Characters, OmniglotClasses};
+use crate::omniglot::split::maml_split;
 use crate::omniglot::OmniglotSet;
 use crate::rng::{keyed_rng, normal, uniform};
 
@@ -42,7 +46,8 @@ mod tests_omniglot;
 pub use episode::{episode_difficulty, EpisodeShape, EpisodeSource};
 
 /// Meta-training tasks or held-out (meta-test) tasks. Held-out tasks come from separate random streams
-/// and, for Omniglot, from the evaluation split's characters (for images, from the held-out classes).
+/// and, for Omniglot, from the held-out characters (the evaluation split's, or the maml split's 423; for
+/// images, from the held-out classes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Split {
     Train,
@@ -173,6 +178,8 @@ pub struct TaskData {
 pub enum TaskError {
     #[error("omniglot tasks need the Omniglot {0:?} split loaded (see --data-dir)")]
     MissingDataset(Split),
+    #[error("task.split = {0:?} is not an Omniglot split (\"standard\" or \"maml\")")]
+    UnknownOmniglotSplit(String),
     #[error("the {split:?} split has {have} classes, an episode needs {need} (n_way)")]
     TooFewClasses { split: Split, have: usize, need: usize },
     #[error("images tasks need the image folder loaded (task.root)")]
@@ -181,7 +188,9 @@ pub enum TaskError {
     ClassTooSmall { split: Split, class: String, have: usize, need: usize },
 }
 
-/// The image sets a worker has loaded (only `omniglot` and `images` tasks need any).
+/// The image sets a worker has loaded (only `omniglot` and `images` tasks need any). Omniglot runs with the
+/// standard split read one set per side (background: meta-training, evaluation: held out); the maml split
+/// reads both for either side.
 #[derive(Default)]
 pub struct Datasets {
     pub omniglot_background: Option<std::sync::Arc<OmniglotSet>>,
@@ -205,14 +214,7 @@ pub fn generate_clean(config: &TaskConfig, spec: &TaskSpec, data: &Datasets) -> 
     match config {
         TaskConfig::Sinusoid(r) => Ok(sinusoid(r, spec)),
         TaskConfig::NoisyLinear(r) => Ok(noisy_linear(r, spec)),
-        TaskConfig::Omniglot(o) => {
-            let set = match spec.split {
-                Split::Train => data.omniglot_background.as_deref(),
-                Split::Eval => data.omniglot_evaluation.as_deref(),
-            }
-            .ok_or(TaskError::MissingDataset(spec.split))?;
-            omniglot_episode(o, spec, set)
-        }
+        TaskConfig::Omniglot(o) => omniglot_task(o, spec, data),
         TaskConfig::Images(i) => images_episode(i, spec, data),
     }
 }
@@ -287,11 +289,43 @@ fn noisy_linear(cfg: &RegressionTaskConfig, spec: &TaskSpec) -> TaskData {
     TaskData { support, query, difficulty }
 }
 
-/// An Omniglot N-way K-shot episode: N distinct characters, and for each K + Q distinct drawings (K support,
-/// Q query); see [`episode`].
-fn omniglot_episode(cfg: &OmniglotTaskConfig, spec: &TaskSpec, set: &OmniglotSet) -> Result<TaskData, TaskError> {
+/// The Omniglot episode of `spec`, from the classes of its side of the configured split.
+fn omniglot_task(cfg: &OmniglotTaskConfig, spec: &TaskSpec, data: &Datasets) -> Result<TaskData, TaskError> {
+    let split = cfg.split().ok_or_else(|| TaskError::UnknownOmniglotSplit(cfg.split.clone()))?;
+    let background = data.omniglot_background.as_deref();
+    let evaluation = data.omniglot_evaluation.as_deref();
+    match split {
+        OmniglotSplit::Standard => {
+            let set = match spec.split {
+                Split::Train => background,
+                Split::Eval => evaluation,
+            }
+            .ok_or(TaskError::MissingDataset(spec.split))?;
+            omniglot_episode(cfg, spec, &OmniglotClasses::new(Characters::All(set), cfg.rotations))
+        }
+        OmniglotSplit::Maml => {
+            let background = background.ok_or(TaskError::MissingDataset(Split::Train))?;
+            let evaluation = evaluation.ok_or(TaskError::MissingDataset(Split::Eval))?;
+            let chars = maml_split(background.n_chars(), evaluation.n_chars());
+            let chars = match spec.split {
+                Split::Train => &chars.train,
+                Split::Eval => &chars.eval,
+            };
+            let chars = Characters::Chosen { background, evaluation, chars };
+            omniglot_episode(cfg, spec, &OmniglotClasses::new(chars, cfg.rotations))
+        }
+    }
+}
+
+/// An Omniglot N-way K-shot episode: N distinct classes (characters, or (character, rotation) pairs), and
+/// for each K + Q distinct drawings (K support, Q query); see [`episode`].
+fn omniglot_episode(
+    cfg: &OmniglotTaskConfig,
+    spec: &TaskSpec,
+    classes: &OmniglotClasses<'_>,
+) -> Result<TaskData, TaskError> {
     let shape = EpisodeShape { n_way: cfg.n_way, k_shot: cfg.k_shot, q_query: cfg.q_query };
-    episode::episode(shape, spec, set)
+    episode::episode(shape, spec, classes)
 }
 
 /// An N-way K-shot episode from an image folder's classes of `spec`'s split; see [`episode`].
@@ -309,6 +343,11 @@ fn images_episode(cfg: &ImagesTaskConfig, spec: &TaskSpec, data: &Datasets) -> R
 mod tests {
     use super::*;
     use crate::omniglot::{DRAWERS, PIXELS};
+
+    /// An episode over all of `set`'s characters (the standard split's classes for one side).
+    fn omniglot_episode(cfg: &OmniglotTaskConfig, spec: &TaskSpec, set: &OmniglotSet) -> Result<TaskData, TaskError> {
+        super::omniglot_episode(cfg, spec, &OmniglotClasses::new(Characters::All(set), cfg.rotations))
+    }
 
     fn spec(step: u64, index: u32) -> TaskSpec {
         TaskSpec::new(1, Split::Train, step, index)
@@ -374,7 +413,7 @@ mod tests {
             }
         }
         let set = OmniglotSet::from_images(n, imgs).unwrap();
-        let cfg = OmniglotTaskConfig { n_way: 5, k_shot: 1, q_query: 15 };
+        let cfg = OmniglotTaskConfig { n_way: 5, k_shot: 1, q_query: 15, ..Default::default() };
         let e = omniglot_episode(&cfg, &spec(0, 0), &set).unwrap();
         assert_eq!(e, omniglot_episode(&cfg, &spec(0, 0), &set).unwrap());
         assert_eq!((e.support.len(), e.query.len()), (5, 75));
@@ -391,7 +430,7 @@ mod tests {
             }
         }
         assert_eq!(char_of.len(), 5);
-        let big = OmniglotTaskConfig { n_way: 31, k_shot: 1, q_query: 1 };
+        let big = OmniglotTaskConfig { n_way: 31, k_shot: 1, q_query: 1, ..Default::default() };
         assert!(omniglot_episode(&big, &spec(0, 0), &set).is_err());
     }
 
@@ -435,7 +474,7 @@ mod tests {
         assert_eq!(episode_difficulty(&[0, 10, 20, 30], &set), 0.0);
         assert_eq!(episode_difficulty(&[0, 1, 2, 3], &set), 1.0);
         assert!((episode_difficulty(&[0, 1, 20, 30], &set) - 1.0 / 3.0).abs() < 1e-12);
-        let cfg = OmniglotTaskConfig { n_way: 4, k_shot: 1, q_query: 1 };
+        let cfg = OmniglotTaskConfig { n_way: 4, k_shot: 1, q_query: 1, ..Default::default() };
         let mut hard = 0;
         for i in 0..300 {
             let full = spec(i, 0);
