@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AlgoConfig, Config, ModelKind, TaskConfig};
+use crate::config::{AlgoConfig, Config, ModelConfig, ModelKind, TaskConfig};
 use crate::rng::{keyed_rng, uniform};
 
 /// One named tensor of a model.
@@ -191,11 +191,26 @@ impl ModelSpec {
 /// (Meta-SGD: a rate per entry) or `[inner_steps]` (MAML++'s per-step rates: one per tensor and step).
 pub const LEARNED_LR_PREFIX: &str = "inner_lr.";
 
-/// The meta-parameters a run learns: the model's parameters, then any learned inner rates (Meta-SGD,
-/// `algo.per_step_lrs`), one tensor per model tensor that adapts, in the same order (ANIL adapts only
-/// the head, its last two tensors).
-pub fn meta_layout(spec: &ModelSpec, algo: &AlgoConfig) -> ParamLayout {
-    let mut layout = spec.layout();
+/// Name prefix of LoRA adapters: `lora.<weight>.a` (`[r, fan_in]`) and `lora.<weight>.b` (`[out, r]`).
+pub const LORA_PREFIX: &str = "lora.";
+
+/// The LoRA adapters of `spec`'s weights (every tensor of two or more dimensions: linear and conv
+/// weights), A then B per weight, in layout order. The adapted weight is W + scale·(B·A) reshaped to W.
+pub fn lora_layout(spec: &ModelSpec, rank: usize) -> ParamLayout {
+    let mut params = Vec::new();
+    for p in spec.layout().params.into_iter().filter(|p| p.shape.len() >= 2) {
+        let fan: usize = p.shape[1..].iter().product();
+        params.push(ParamSpec { name: format!("{LORA_PREFIX}{}.a", p.name), shape: vec![rank, fan] });
+        params.push(ParamSpec { name: format!("{LORA_PREFIX}{}.b", p.name), shape: vec![p.shape[0], rank] });
+    }
+    ParamLayout { params }
+}
+
+/// The meta-parameters a run learns: the model's parameters (LoRA: the adapters, of a frozen base),
+/// then any learned inner rates (Meta-SGD, `algo.per_step_lrs`), one tensor per adapting tensor, in the
+/// same order (ANIL adapts only the head, the last two tensors).
+pub fn meta_layout(spec: &ModelSpec, model: &ModelConfig, algo: &AlgoConfig) -> ParamLayout {
+    let mut layout = if model.lora() { lora_layout(spec, model.lora_rank) } else { spec.layout() };
     let n = layout.params.len();
     let adapts = |i: usize| !algo.name.head_only() || i + 2 >= n;
     let rate_shape = |p: &ParamSpec| {
@@ -220,10 +235,27 @@ pub fn meta_layout(spec: &ModelSpec, algo: &AlgoConfig) -> ParamLayout {
     layout
 }
 
-/// Initial meta-parameters: [`ModelSpec::init_params`], then every learned rate at `algo.inner_lr`.
-pub fn meta_init(spec: &ModelSpec, algo: &AlgoConfig, seed: u64) -> Vec<f32> {
-    let mut params = spec.init_params(seed);
-    let rates = meta_layout(spec, algo).numel() - params.len();
+/// Initial meta-parameters: [`ModelSpec::init_params`] (LoRA: A uniform in ±1/√fan_in, B zero, so the
+/// adapted model starts as the base), then every learned rate at `algo.inner_lr`.
+pub fn meta_init(spec: &ModelSpec, model: &ModelConfig, algo: &AlgoConfig, seed: u64) -> Vec<f32> {
+    /// Key that separates LoRA's initialisation stream from the model's and the tasks'.
+    const LORA_STREAM: u64 = 0x10_4A;
+    let mut params = if model.lora() {
+        let mut out = Vec::new();
+        for (i, p) in lora_layout(spec, model.lora_rank).params.iter().enumerate() {
+            if p.name.ends_with(".a") {
+                let mut rng = keyed_rng(&[seed, LORA_STREAM, i as u64]);
+                let b = 1.0 / (p.shape[1] as f64).sqrt();
+                out.extend((0..p.numel()).map(|_| uniform(&mut rng, -b, b) as f32));
+            } else {
+                out.extend(std::iter::repeat_n(0.0f32, p.numel()));
+            }
+        }
+        out
+    } else {
+        spec.init_params(seed)
+    };
+    let rates = meta_layout(spec, model, algo).numel() - params.len();
     params.extend(std::iter::repeat_n(algo.inner_lr as f32, rates));
     params
 }
@@ -307,30 +339,51 @@ mod tests {
     fn meta_sgd_adds_one_rate_per_parameter_at_the_inner_lr() {
         use crate::config::AlgoKind;
         let s = spec(ModelKind::Mlp, 1, 1);
+        let m = ModelConfig::default();
         let mut algo = AlgoConfig { inner_lr: 0.03, ..AlgoConfig::default() };
-        assert_eq!(meta_layout(&s, &algo), s.layout());
-        assert_eq!(meta_init(&s, &algo, 7), s.init_params(7));
+        assert_eq!(meta_layout(&s, &m, &algo), s.layout());
+        assert_eq!(meta_init(&s, &m, &algo, 7), s.init_params(7));
         algo.name = AlgoKind::MetaSgd;
-        let l = meta_layout(&s, &algo);
+        let l = meta_layout(&s, &m, &algo);
         assert_eq!(l.numel(), 2 * s.layout().numel());
         assert_eq!(l.params[6].name, "inner_lr.layer1.weight");
         assert_eq!(l.params[6].shape, l.params[0].shape);
-        let init = meta_init(&s, &algo, 7);
+        let init = meta_init(&s, &m, &algo, 7);
         let n = s.layout().numel();
         assert_eq!(init[..n], s.init_params(7)[..]);
         assert!(init[n..].iter().all(|v| *v == 0.03f32));
         // MAML++'s per-step rates: one per tensor and inner step.
         let lslr = AlgoConfig { inner_lr: 0.4, inner_steps: 3, per_step_lrs: true, ..AlgoConfig::default() };
-        let l = meta_layout(&s, &lslr);
+        let l = meta_layout(&s, &m, &lslr);
         assert_eq!(l.params.len(), 12);
         assert_eq!((l.params[11].name.as_str(), l.params[11].shape.as_slice()), ("inner_lr.layer3.bias", &[3][..]));
-        let init = meta_init(&s, &lslr, 7);
+        let init = meta_init(&s, &m, &lslr, 7);
         assert_eq!(init.len(), n + 18);
         assert!(init[n..].iter().all(|v| *v == 0.4f32));
         // ANIL adapts the head only: rates for its two tensors.
         let anil = AlgoConfig { name: AlgoKind::Anil, ..lslr };
-        let names: Vec<String> = meta_layout(&s, &anil).params.iter().skip(6).map(|p| p.name.clone()).collect();
+        let names: Vec<String> = meta_layout(&s, &m, &anil).params.iter().skip(6).map(|p| p.name.clone()).collect();
         assert_eq!(names, ["inner_lr.layer3.weight", "inner_lr.layer3.bias"]);
+    }
+
+    #[test]
+    fn lora_learns_rank_r_adapters_of_every_weight_starting_at_the_base() {
+        let s = spec(ModelKind::Conv4, 784, 5);
+        let m =
+            ModelConfig { name: ModelKind::Conv4, lora_rank: 4, lora_base: Some("b".into()), ..ModelConfig::default() };
+        let l = meta_layout(&s, &m, &AlgoConfig::default());
+        let names: Vec<&str> = l.params.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names[..2], ["lora.conv1.weight.a", "lora.conv1.weight.b"]);
+        assert_eq!(names.len(), 10, "four convs and the head, A and B each");
+        assert_eq!((l.params[2].shape.clone(), l.params[3].shape.clone()), (vec![4, 64 * 9], vec![64, 4]));
+        assert_eq!((l.params[8].shape.clone(), l.params[9].shape.clone()), (vec![4, 256], vec![5, 4]));
+        assert_eq!(l.numel(), 4 * (9 + 64) + 3 * 4 * (576 + 64) + 4 * (256 + 5));
+        assert!(l.numel() * 10 < s.layout().numel(), "the adapters are under a tenth of the model");
+        let init = meta_init(&s, &m, &AlgoConfig::default(), 1);
+        let r = l.ranges();
+        assert!(init[r[1].0..r[1].0 + r[1].1].iter().all(|v| *v == 0.0), "B starts at zero");
+        let a = &init[r[0].0..r[0].0 + r[0].1];
+        assert!(a.iter().all(|v| v.abs() <= 1.0 / 3.0) && a.iter().any(|v| *v != 0.0));
     }
 
     #[test]

@@ -62,10 +62,21 @@ pub struct Report {
     pub tasks_duplicated: u64,
     pub results_rejected: u64,
     pub max_workers: usize,
+    /// Payload bytes sent (parameters) and received (accepted gradients), and their sum per meta-step
+    /// (this process only; not carried across a resume).
+    pub wire: WireReport,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub curriculum: Option<CurriculumReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub defence: Option<DefenceReport>,
+}
+
+/// `wire` in `report.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct WireReport {
+    pub params_sent_bytes: u64,
+    pub gradients_received_bytes: u64,
+    pub bytes_per_meta_step: f64,
 }
 
 /// `curriculum` in `report.json` (runs with a schedule).

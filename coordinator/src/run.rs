@@ -100,6 +100,9 @@ pub struct Trainer {
     pub tasks_completed: u64,
     pub results_rejected: u64,
     pub max_workers: usize,
+    /// Payload bytes this process queued to workers (parameters) and accepted from them (gradients of
+    /// accepted results): what the run puts on the wire, without frame and QUIC overhead.
+    pub wire: WireBytes,
     /// Reassignments counted before a resume.
     reassigned_before: u64,
     /// Dirty tasks and the defence's record (carried across resumes).
@@ -152,6 +155,13 @@ fn export_loss_by_difficulty(gauge: &'static str, s: &BatchSummary) {
     }
 }
 
+/// Payload bytes on the wire (see [`Trainer::wire`]); in `report.json` as `wire`.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct WireBytes {
+    pub params_sent: u64,
+    pub gradients_received: u64,
+}
+
 impl Trainer {
     /// A trainer for the model `config` names, with its initial parameters from (model, seed).
     pub fn new(
@@ -161,8 +171,8 @@ impl Trainer {
         quarantine: Arc<Quarantine>,
     ) -> Self {
         let spec = ModelSpec::from_config(&config);
-        let layout = meta_layout(&spec, &config.algo);
-        let params = meta_init(&spec, &config.algo, config.seed);
+        let layout = meta_layout(&spec, &config.model, &config.algo);
+        let params = meta_init(&spec, &config.model, &config.algo, config.seed);
         Self::with_model(config, layout, params, events, local, quarantine)
     }
 
@@ -201,6 +211,7 @@ impl Trainer {
             labels: BTreeSet::new(),
             exported: SchedulerStats::default(),
             tasks_completed: 0,
+            wire: WireBytes::default(),
             results_rejected: 0,
             max_workers: 0,
             reassigned_before: 0,
@@ -476,6 +487,7 @@ impl Trainer {
                 let (verdict, actions) = self.scheduler.result(worker, result.id, result.version, result.mode, now);
                 match verdict {
                     Verdict::Accepted { index } => {
+                        self.wire.gradients_received += result.grad_len * result.grad_dtype.size() as u64;
                         let label = if mode == Mode::Train { "train" } else { "eval" };
                         metrics::counter!("metatrain_tasks_completed_total", "mode" => label).increment(1);
                         metrics::histogram!("metatrain_task_duration_seconds", "mode" => label)
@@ -594,6 +606,7 @@ impl Trainer {
             let (worker, msg) = match action {
                 Action::SendParams { worker, version: v } => {
                     debug_assert_eq!(v, version);
+                    self.wire.params_sent += payload.len() as u64;
                     (worker, Outbound::Params { version: v, len, payload: payload.clone() })
                 }
                 Action::Assign { worker, tasks } => {

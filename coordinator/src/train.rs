@@ -21,6 +21,7 @@ use crate::local::{dial_address, find_worker_binary, shared_capacity, LocalSpec,
 use crate::progress::Progress;
 use crate::report::{
     config_json, write_json_atomic, write_params, CurriculumReport, DefenceReport, EvalReport, MetricsCsv, Report,
+    WireReport,
 };
 use crate::run::{RunError, Trainer};
 use crate::sampler;
@@ -184,10 +185,24 @@ pub(crate) fn lock_run_dir(out: &Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// LoRA: checks the base file against the model and records its SHA-256 in the config (which every
+/// worker receives and checks its own copy against); a hash already in the config must match.
+fn pin_lora_base(config: &mut Config) -> Result<()> {
+    if !config.model.lora() {
+        return Ok(());
+    }
+    let spec = metatrain_common::layout::ModelSpec::from_config(config);
+    let path = config.model.lora_base.clone().unwrap_or_default();
+    let base = metatrain_common::lora::load_base(Path::new(&path), &spec, config.model.lora_base_sha256.as_deref())?;
+    config.model.lora_base_sha256 = Some(base.sha256);
+    Ok(())
+}
+
 /// The config, output directory (locked) and, when resuming, the checkpoint to continue from.
 fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<Checkpoint>)> {
     let Some(dir) = &args.resume else {
-        let config = args.config()?;
+        let mut config = args.config()?;
+        pin_lora_base(&mut config)?;
         let out = args.out_dir();
         std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
         let lock = lock_run_dir(&out)?;
@@ -221,6 +236,8 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<C
         overrides.extend(args.seed.map(|s| format!("seed={s}")));
         Config::from_toml_with_overrides(&ckpt.header.config_toml, &overrides)?
     };
+    let mut config = config;
+    pin_lora_base(&mut config)?;
     let conflicts = saved.resume_conflicts(&config);
     if !conflicts.is_empty() {
         bail!("cannot resume {} with a config that changes the run:\n  {}", dir.display(), conflicts.join("\n  "));
@@ -313,7 +330,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
     let endpoint = server_endpoint(args.listen, &tls, mutual).map_err(anyhow::Error::msg)?;
     let bound = endpoint.local_addr()?;
     let spec = metatrain_common::layout::ModelSpec::from_config(&config);
-    let layout = metatrain_common::layout::meta_layout(&spec, &config.algo);
+    let layout = metatrain_common::layout::meta_layout(&spec, &config.model, &config.algo);
     let (events_rx, quarantine) = start_server(&endpoint, &config, &layout);
     eprintln!("coordinator listening on {bound} (QUIC), certificate fingerprint {fingerprint}");
     let host = if bound.ip().is_unspecified() { format!("<this-host>:{}", bound.port()) } else { bound.to_string() };
@@ -396,6 +413,12 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
         tasks_duplicated: trainer.tasks_duplicated(),
         results_rejected: trainer.results_rejected,
         max_workers: trainer.max_workers,
+        wire: WireReport {
+            params_sent_bytes: trainer.wire.params_sent,
+            gradients_received_bytes: trainer.wire.gradients_received,
+            bytes_per_meta_step: (trainer.wire.params_sent + trainer.wire.gradients_received) as f64
+                / final_step.saturating_sub(start_step).max(1) as f64,
+        },
         curriculum: CurriculumReport::of(&config, &trainer.curriculum, final_step),
         defence: DefenceReport::of(&config, trainer.defence_counts),
     };

@@ -26,7 +26,7 @@ use metatrain_common::layout::{meta_layout, ModelSpec};
 use tch::{Kind, Tensor};
 
 use crate::algo::{adapt_each, rule, split, InnerLoop, TaskTensors};
-use crate::model::{accuracy, forward, loss, TargetTensor};
+use crate::model::{accuracy, loss, LoraNet, Net, TargetTensor};
 
 #[derive(Args, Debug)]
 pub struct AdaptArgs {
@@ -92,20 +92,46 @@ pub fn run(args: AdaptArgs) -> Result<()> {
         ModelKind::Mlp | ModelKind::MlpLn => Examples::regression(&args.support, &args.query, spec.in_features)?,
         ModelKind::Conv4 => {
             let ex = Examples::images(&args.support, &args.query, args.invert, spec.outputs)?;
+            if config.model.lora() && ex.classes.len() != spec.outputs {
+                bail!(
+                    "this LoRA initialisation adapts a {}-way base: give the support set exactly {} classes",
+                    spec.outputs,
+                    spec.outputs
+                );
+            }
             narrow_head(&spec, &mut params, ex.classes.len(), algo.learns_inner_lr());
             ex
         }
     };
     let spec = ModelSpec { outputs: examples.outputs(spec.outputs), ..spec };
+    // LoRA: the parameters are adapters of the frozen base the run was pinned to.
+    let lora = match (&config.model.lora_base, &config.model.lora_base_sha256) {
+        (Some(path), sha) if config.model.lora() => {
+            let base = metatrain_common::lora::load_base(Path::new(path), &spec, sha.as_deref())
+                .context("adapting a LoRA initialisation needs its base model file, at the path the run used")?;
+            let tensors = spec
+                .layout()
+                .params
+                .iter()
+                .zip(base.tensors)
+                .map(|(p, v)| Tensor::from_slice(&v).reshape(p.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()))
+                .collect();
+            Some(LoraNet::new(spec.clone(), tensors, config.model.lora_scale()))
+        }
+        _ => None,
+    };
+    let net: &dyn Net = match &lora {
+        Some(l) => l,
+        None => &spec,
+    };
     let theta: Vec<Tensor> = params.iter().map(|t| t.set_requires_grad(true)).collect();
-    let (model, extra) = split(&spec, &theta);
+    let (model, extra) = split(net, &theta);
     let rule = rule(algo, config.algo.per_step_lrs, extra);
-    let adapted = adapt_each(&spec, model, &examples.task, &inner, false, rule, algo.head_only(), &mut |_, _| {});
-    let (before, after) = tch::no_grad(|| {
-        (forward(&spec, model, &examples.task.query_x), forward(&spec, &adapted, &examples.task.query_x))
-    });
+    let adapted = adapt_each(net, model, &examples.task, &inner, false, rule, algo.head_only(), &mut |_, _| {});
+    let (before, after) =
+        tch::no_grad(|| (net.forward(model, &examples.task.query_x), net.forward(&adapted, &examples.task.query_x)));
     let support_loss = |p: &[Tensor]| {
-        tch::no_grad(|| loss(&forward(&spec, p, &examples.task.support_x), &examples.task.support_y).double_value(&[]))
+        tch::no_grad(|| loss(&net.forward(p, &examples.task.support_x), &examples.task.support_y).double_value(&[]))
     };
     let (s0, s1) = (support_loss(model), support_loss(&adapted));
     if !s1.is_finite() || after.isfinite().all().int64_value(&[]) != 1 {
@@ -146,7 +172,7 @@ fn load_params(path: &Path, config_path: Option<&Path>) -> Result<(Config, Vec<T
     let config = Config::from_toml(&text).context("the run's config is invalid")?;
     let tensors = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    let layout = meta_layout(&ModelSpec::from_config(&config), &config.algo);
+    let layout = meta_layout(&ModelSpec::from_config(&config), &config.model, &config.algo);
     let mut out = Vec::new();
     for p in &layout.params {
         let view = tensors.tensor(&p.name).map_err(|_| {

@@ -17,10 +17,9 @@
 //! tensors, then Meta-SGD's learned rates; [`split`] separates them.
 
 use metatrain_common::config::{AlgoConfig, AlgoKind};
-use metatrain_common::layout::ModelSpec;
 use tch::Tensor;
 
-use crate::model::{accuracy, forward, loss, TargetTensor};
+use crate::model::{accuracy, loss, Net, TargetTensor};
 
 /// One task's tensors (support and query), in the compute dtype.
 pub struct TaskTensors {
@@ -116,8 +115,8 @@ impl Plan {
 }
 
 /// The model's tensors and the algorithm's extra meta-parameters (learned rates; empty otherwise).
-pub fn split<'a>(spec: &ModelSpec, params: &'a [Tensor]) -> (&'a [Tensor], &'a [Tensor]) {
-    params.split_at(spec.layout().params.len().min(params.len()))
+pub fn split<'a>(spec: &dyn Net, params: &'a [Tensor]) -> (&'a [Tensor], &'a [Tensor]) {
+    params.split_at(spec.n_tensors().min(params.len()))
 }
 
 /// The inner-loop rule of `algo` (with learned per-step rates when `per_step_lrs`), given the extra
@@ -154,7 +153,7 @@ fn step_tensor(rule: Rule, p: &Tensor, g: Tensor, (i, n): (usize, usize), k: usi
 
 /// Adapts `params` (the model's tensors) on the support set, moving every one at `inner.lr`.
 pub fn adapt(
-    spec: &ModelSpec,
+    spec: &dyn Net,
     params: &[Tensor],
     task: &TaskTensors,
     inner: &InnerLoop,
@@ -167,7 +166,7 @@ pub fn adapt(
 /// stays differentiable (to second order) in `params` and the rates; without it, inner gradients are
 /// constants (first order).
 pub fn adapt_with(
-    spec: &ModelSpec,
+    spec: &dyn Net,
     params: &[Tensor],
     task: &TaskTensors,
     inner: &InnerLoop,
@@ -181,7 +180,7 @@ pub fn adapt_with(
 /// scores each). `head_only` restricts per-step rates to the head (ANIL with MAML++'s LSLR).
 #[allow(clippy::too_many_arguments)]
 pub fn adapt_each(
-    spec: &ModelSpec,
+    spec: &dyn Net,
     params: &[Tensor],
     task: &TaskTensors,
     inner: &InnerLoop,
@@ -194,7 +193,7 @@ pub fn adapt_each(
     let n = fast.len();
     let moved = moving(rule, head_only, n);
     for k in 0..inner.steps {
-        let support_loss = loss(&forward(spec, &fast, &task.support_x), &task.support_y);
+        let support_loss = loss(&spec.forward(&fast, &task.support_x), &task.support_y);
         let grads = Tensor::run_backward(&[&support_loss], &fast[moved.clone()], create_graph, create_graph);
         for (i, g) in moved.clone().zip(grads) {
             fast[i] = step_tensor(rule, &fast[i], clamp(g, inner.clamp), (i, n), k, inner.lr);
@@ -205,9 +204,9 @@ pub fn adapt_each(
 }
 
 /// Query loss (and accuracy) of parameters, without building a graph.
-fn evaluate(spec: &ModelSpec, params: &[Tensor], task: &TaskTensors) -> (f64, Option<f64>) {
+fn evaluate(spec: &dyn Net, params: &[Tensor], task: &TaskTensors) -> (f64, Option<f64>) {
     tch::no_grad(|| {
-        let out = forward(spec, params, &task.query_x);
+        let out = spec.forward(params, &task.query_x);
         (loss(&out, &task.query_y).double_value(&[]), accuracy(&out, &task.query_y))
     })
 }
@@ -220,7 +219,7 @@ pub fn leaves(params: &[Tensor]) -> Vec<Tensor> {
 /// Meta-training: adapt, then differentiate the query loss with respect to the initial meta-parameters
 /// (Reptile: return θ − θ′). The algorithm as such ([`Plan::plain`]).
 pub fn meta_gradient(
-    spec: &ModelSpec,
+    spec: &dyn Net,
     algo: AlgoKind,
     params: &[Tensor],
     task: &TaskTensors,
@@ -232,7 +231,7 @@ pub fn meta_gradient(
 /// [`meta_gradient`] under a [`Plan`]: the order of differentiation, the multi-step loss's weights and
 /// per-step rates that MAML++'s options give the meta-step.
 pub fn meta_gradient_with(
-    spec: &ModelSpec,
+    spec: &dyn Net,
     algo: AlgoKind,
     plan: &Plan,
     params: &[Tensor],
@@ -254,14 +253,14 @@ pub fn meta_gradient_with(
     let weights = plan.step_weights.as_deref().filter(|w| w.len() == inner.steps && inner.steps > 1);
     let adapted = adapt_each(spec, model, task, inner, plan.second_order, rule, algo.head_only(), &mut |k, fast| {
         if let Some(w) = weights.filter(|_| k < inner.steps) {
-            let l = loss(&forward(spec, fast, &task.query_x), &task.query_y) * w[k - 1];
+            let l = loss(&spec.forward(fast, &task.query_x), &task.query_y) * w[k - 1];
             objective = Some(match objective.take() {
                 Some(sum) => sum + l,
                 None => l,
             });
         }
     });
-    let out = forward(spec, &adapted, &task.query_x);
+    let out = spec.forward(&adapted, &task.query_x);
     let query_loss = loss(&out, &task.query_y);
     let post_accuracy = tch::no_grad(|| accuracy(&out, &task.query_y));
     let post_loss = query_loss.double_value(&[]);
@@ -278,7 +277,7 @@ pub fn meta_gradient_with(
 /// ([`crate::batched::evaluate`]) is tested against.
 #[cfg(test)]
 pub fn evaluate_task(
-    spec: &ModelSpec,
+    spec: &dyn Net,
     algo: AlgoKind,
     params: &[Tensor],
     task: &TaskTensors,
@@ -289,7 +288,7 @@ pub fn evaluate_task(
 
 /// [`evaluate_task`], at learned per-step rates when `per_step_lrs`.
 pub fn evaluate_task_with(
-    spec: &ModelSpec,
+    spec: &dyn Net,
     algo: AlgoKind,
     per_step_lrs: bool,
     params: &[Tensor],
@@ -304,7 +303,7 @@ pub fn evaluate_task_with(
     let n = fast.len();
     let moved = moving(rule, algo.head_only(), n);
     for k in 0..inner.steps {
-        let support_loss = loss(&forward(spec, &fast, &task.support_x), &task.support_y);
+        let support_loss = loss(&spec.forward(&fast, &task.support_x), &task.support_y);
         let grads = Tensor::run_backward(&[&support_loss], &fast[moved.clone()], false, false);
         for (i, g) in moved.clone().zip(grads) {
             // Detached: evaluation builds no graph across steps.

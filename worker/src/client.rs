@@ -199,7 +199,7 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
     *welcomed = true;
     let config = Config::from_toml(&welcome.config_toml).context("the coordinator sent an invalid config")?;
     let spec = ModelSpec::from_config(&config);
-    let layout = meta_layout(&spec, &config.algo);
+    let layout = meta_layout(&spec, &config.model, &config.algo);
     if layout.fingerprint() != welcome.layout_fingerprint {
         bail!(
             "parameter layout mismatch: the coordinator's model differs from what this worker builds (version skew?)"
@@ -213,9 +213,17 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
         hello.device
     );
     let datasets = load_datasets(&config, opts.data_dir.as_deref())?;
+    let lora_base = load_lora_base(&config, &spec)?;
     let numel = layout.numel();
-    let ctx =
-        Arc::new(ComputeContext { config, spec, layout, datasets, devices: opts.devices.clone(), batch: opts.batch });
+    let ctx = Arc::new(ComputeContext {
+        config,
+        spec,
+        layout,
+        datasets,
+        lora_base,
+        devices: opts.devices.clone(),
+        batch: opts.batch,
+    });
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Vec<Job>>();
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
     let _threads = spawn_pool(ctx, opts.capacity, opts.threads, job_rx, out_tx);
@@ -312,4 +320,19 @@ async fn send_outcome(connection: &quinn::Connection, outcome: Outcome) -> Resul
     stream.finish()?;
     metrics::counter!("metatrain_worker_sent_bytes_total").increment(payload.len() as u64);
     Ok(())
+}
+
+/// LoRA's frozen base, from `model.lora_base` (relative to the directory this worker started in), checked
+/// against the hash the coordinator put in the run's config. `None` without LoRA.
+fn load_lora_base(config: &Config, spec: &ModelSpec) -> Result<Option<metatrain_common::lora::LoraBase>> {
+    if !config.model.lora() {
+        return Ok(None);
+    }
+    let (Some(path), Some(sha)) = (&config.model.lora_base, &config.model.lora_base_sha256) else {
+        bail!("the coordinator's LoRA config names no base file or hash");
+    };
+    let base = metatrain_common::lora::load_base(std::path::Path::new(path), spec, Some(sha))
+        .context("this worker needs the same LoRA base file as the coordinator, at the same path")?;
+    tracing::info!("LoRA base {path} (sha256 {}…), rank {}", &base.sha256[..12], config.model.lora_rank);
+    Ok(Some(base))
 }

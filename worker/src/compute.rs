@@ -21,13 +21,15 @@ use std::time::Instant;
 use metatrain_common::config::Config;
 use metatrain_common::config::{AlgoKind, ComputeDtype, ModelKind};
 use metatrain_common::layout::{ModelSpec, ParamLayout};
+use metatrain_common::lora::LoraBase;
 use metatrain_common::protocol::{Assignment, Mode, TaskResult};
 use metatrain_common::task::{generate, Datasets};
 use metatrain_common::tensor::Dtype;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::algo::{evaluate_task_with, meta_gradient_with, InnerLoop, Plan, TaskOutput, TaskTensors};
 use crate::batched::{evaluate, meta_gradients, TaskBatch};
+use crate::model::{LoraNet, Net};
 use crate::tensors::{flat_from_tensors, params_from_flat, task_tensors};
 
 /// Everything a compute thread needs besides the job itself; fixed for a session.
@@ -36,6 +38,8 @@ pub struct ComputeContext {
     pub spec: ModelSpec,
     pub layout: ParamLayout,
     pub datasets: Datasets,
+    /// LoRA meta-learning's frozen base (checked against the run's hash); `None` without LoRA.
+    pub lora_base: Option<LoraBase>,
     /// Devices the compute threads use, thread i on `devices[i % len]` (one or more GPUs, or the CPU).
     pub devices: Vec<Device>,
     /// Most training tasks computed as one batch.
@@ -143,6 +147,12 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
         params_from_flat(&ctx.layout, &first.params, Kind::Float).into_iter().map(|t| t.to_device(device)).collect();
     let (jobs, rest): (Vec<(Job, f64)>, Vec<TaskTensors>) = ready.into_iter().map(|(j, d, t)| ((j, d), t)).unzip();
     let algo = &ctx.config.algo;
+    // LoRA: the algorithms adapt the adapters of the frozen base; otherwise the model itself.
+    let lora = ctx.lora_base.as_ref().map(|base| lora_net(&ctx.spec, base, ctx.config.model.lora_scale(), device));
+    let net: &dyn Net = match &lora {
+        Some(l) => l,
+        None => &ctx.spec,
+    };
     let mode = jobs[0].0.assignment.mode;
     let inner = match mode {
         Mode::Train => InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp },
@@ -173,9 +183,9 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
             .map(|(task, (job, _))| match mode {
                 Mode::Train => {
                     let plan = Plan::at(algo, job.assignment.spec.step);
-                    meta_gradient_with(&ctx.spec, algo.name, &plan, &params, task, &inner)
+                    meta_gradient_with(net, algo.name, &plan, &params, task, &inner)
                 }
-                Mode::Eval => evaluate_task_with(&ctx.spec, algo.name, algo.per_step_lrs, &params, task, &inner),
+                Mode::Eval => evaluate_task_with(net, algo.name, algo.per_step_lrs, &params, task, &inner),
             })
             .collect()
     };
@@ -190,11 +200,29 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
     outcomes
 }
 
+/// The LoRA net over `base` on `device`.
+fn lora_net(spec: &ModelSpec, base: &LoraBase, scale: f64, device: Device) -> LoraNet {
+    let layout = spec.layout();
+    let tensors = layout
+        .params
+        .iter()
+        .zip(&base.tensors)
+        .map(|(p, v)| {
+            let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+            Tensor::from_slice(v).reshape(shape).to_device(device)
+        })
+        .collect();
+    LoraNet::new(spec.clone(), tensors, scale)
+}
+
 /// Whether tasks of `mode` are computed as batches on `device` (see the module docs).
 fn batching_pays(config: &Config, spec: &ModelSpec, device: Device, mode: Mode) -> bool {
     // The batched path implements MAML and FOMAML meta-gradients, and evaluation that moves every
     // parameter at the inner learning rate (MAML, FOMAML, Reptile).
-    // None of MAML++'s options is batched.
+    // None of MAML++'s options is batched, nor LoRA.
+    if config.model.lora() {
+        return false;
+    }
     let a = &config.algo;
     let algo = a.name;
     let implemented = match mode {

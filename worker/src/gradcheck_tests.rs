@@ -518,3 +518,53 @@ fn a_first_order_plan_is_fomaml_and_a_plain_plan_is_the_algorithm() {
     let g_last = meta_gradient_with(&spec, AlgoKind::Maml, &last, &theta, &task, &inner).meta_gradient.expect("g");
     assert!(max_diff(&g_last, &g_maml) < 1e-12);
 }
+
+#[test]
+fn lora_meta_gradients_of_the_adapters_match_finite_differences() {
+    use crate::algo::Rule;
+    use crate::model::{LoraNet, Net};
+    for (spec, image, seed) in [
+        (ModelSpec { kind: ModelKind::MlpLn, in_features: 2, outputs: 1 }, false, 121),
+        (ModelSpec { kind: ModelKind::Conv4, in_features: 784, outputs: 3 }, true, 122),
+    ] {
+        let base = params(&spec, seed);
+        let net = LoraNet::new(spec.clone(), base.iter().map(|t| t.detach()).collect(), 0.5);
+        let rank = 2;
+        // A and B both non-zero, so that both get a gradient.
+        let adapters: Vec<Tensor> = base
+            .iter()
+            .filter(|t| t.dim() >= 2)
+            .flat_map(|w| {
+                let (out, fan) = (w.size()[0], w.numel() as i64 / w.size()[0]);
+                [randn(&[rank, fan]) * (0.5 / (fan as f64).sqrt()), randn(&[out, rank]) * 0.1]
+            })
+            .collect();
+        assert_eq!(adapters.len(), net.n_tensors());
+        seeded(seed);
+        let task = if image { image_task(3, 2, 2) } else { regression_task(2, 10, 8) };
+        // With B = 0 the adapted model is the base, exactly.
+        let zero_b: Vec<Tensor> = adapters
+            .iter()
+            .enumerate()
+            .map(|(i, t)| if i % 2 == 1 { t.zeros_like() } else { t.shallow_clone() })
+            .collect();
+        let same = (net.forward(&zero_b, &task.query_x) - forward(&spec, &base, &task.query_x)).abs().max();
+        assert_eq!(same.double_value(&[]), 0.0);
+        let inner = InnerLoop { steps: 2, lr: if image { 0.1 } else { 0.05 }, clamp: 10.0 };
+        let g = meta_gradient(&net, AlgoKind::Maml, &adapters, &task, &inner).meta_gradient.expect("g");
+        let f = |a: &[Tensor]| {
+            let adapted = adapt_with(&net, &leaves(a), &task, &inner, false, Rule::All);
+            loss(&net.forward(&adapted, &task.query_x), &task.query_y).double_value(&[])
+        };
+        let mut worst: f64 = 0.0;
+        for v in directions(&adapters, &[], &[], 6) {
+            let fd = (f(&shifted(&adapters, &v, EPS)) - f(&shifted(&adapters, &v, -EPS))) / (2.0 * EPS);
+            worst = worst.max((dot(&g, &v) - fd).abs() / fd.abs().max(1e-2));
+        }
+        println!(
+            "{:?} LoRA (rank {rank}) MAML K=2 vs finite differences over the adapters: max rel err {worst:.2e}",
+            spec.kind
+        );
+        assert!(worst < TOL, "LoRA meta-gradient disagrees with finite differences: {worst:e}");
+    }
+}

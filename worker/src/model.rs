@@ -75,3 +75,61 @@ pub fn accuracy(outputs: &Tensor, targets: &TargetTensor) -> Option<f64> {
         }
     }
 }
+
+/// What the algorithms adapt: a functional model over an ordered list of tensors (the run's model, or
+/// LoRA adapters of a frozen base).
+pub trait Net {
+    /// Outputs for inputs `x` given the net's tensors `params`.
+    fn forward(&self, params: &[Tensor], x: &Tensor) -> Tensor;
+    /// How many leading meta-parameters are the net's own tensors (the rest are learned inner rates).
+    fn n_tensors(&self) -> usize;
+}
+
+impl Net for ModelSpec {
+    fn forward(&self, params: &[Tensor], x: &Tensor) -> Tensor {
+        forward(self, params, x)
+    }
+
+    fn n_tensors(&self) -> usize {
+        self.layout().params.len()
+    }
+}
+
+/// LoRA: a frozen base model whose weights (every tensor of two or more dimensions) each get a
+/// low-rank update: W + scale·(B·A) reshaped to W's shape, with A `[r, fan_in]` and B `[out, r]` the
+/// net's tensors (in [`metatrain_common::layout::lora_layout`] order).
+pub struct LoraNet {
+    spec: ModelSpec,
+    base: Vec<Tensor>,
+    /// Indices of the base tensors that carry adapters, in adapter order.
+    targets: Vec<usize>,
+    scale: f64,
+}
+
+impl LoraNet {
+    /// `base`: the model's tensors in layout order (constants: they are not differentiated).
+    pub fn new(spec: ModelSpec, base: Vec<Tensor>, scale: f64) -> LoraNet {
+        let targets = base.iter().enumerate().filter(|(_, t)| t.dim() >= 2).map(|(i, _)| i).collect();
+        LoraNet { spec, base, targets, scale }
+    }
+
+    /// The model's tensors with the adapters `adapters` applied.
+    pub fn compose(&self, adapters: &[Tensor]) -> Vec<Tensor> {
+        let mut out: Vec<Tensor> = self.base.iter().map(|t| t.shallow_clone()).collect();
+        for (j, &i) in self.targets.iter().enumerate() {
+            let (a, b) = (&adapters[2 * j], &adapters[2 * j + 1]);
+            out[i] = &self.base[i] + b.mm(a).reshape(self.base[i].size()) * self.scale;
+        }
+        out
+    }
+}
+
+impl Net for LoraNet {
+    fn forward(&self, params: &[Tensor], x: &Tensor) -> Tensor {
+        forward(&self.spec, &self.compose(params), x)
+    }
+
+    fn n_tensors(&self) -> usize {
+        2 * self.targets.len()
+    }
+}

@@ -1,0 +1,135 @@
+//! LoRA meta-learning's frozen base model: a safetensors file with the model's tensors under their
+//! layout names (e.g. a run's `params.safetensors`). [`parse_base`] checks it against the model
+//! (names, shapes, f32, finite) without I/O; [`load_base`] reads the file. Both binaries load the base
+//! this way: the coordinator to check it and record its SHA-256 in the run's config, each worker to
+//! compute with it after checking the same hash.
+
+use std::path::Path;
+
+use thiserror::Error;
+
+use crate::layout::{sha256_hex, ModelSpec};
+
+/// Largest base file read (a 1B-parameter model in f32 is 4 GB).
+pub const MAX_BASE_FILE: u64 = 8 << 30;
+
+#[derive(Debug, Error)]
+pub enum LoraError {
+    #[error("cannot read the LoRA base {path}: {why}")]
+    Read { path: String, why: String },
+    #[error("the LoRA base {path} is larger than {MAX_BASE_FILE} bytes")]
+    TooLarge { path: String },
+    #[error("the LoRA base is not a safetensors file: {0}")]
+    Format(String),
+    #[error("the LoRA base has no tensor {0:?} (it must hold the {1} model's tensors under their names)")]
+    Missing(String, &'static str),
+    #[error("the LoRA base's {name} is {got}, the model needs F32 {want:?}")]
+    Shape { name: String, got: String, want: Vec<usize> },
+    #[error("the LoRA base's {name}[{index}] is not finite")]
+    NonFinite { name: String, index: usize },
+    #[error("the LoRA base's SHA-256 is {got}, the run's config says {want}: another file than the coordinator's")]
+    WrongHash { got: String, want: String },
+}
+
+/// The base model's tensors (f32, layout order) and the SHA-256 of the file they came from.
+#[derive(Clone, Debug)]
+pub struct LoraBase {
+    pub tensors: Vec<Vec<f32>>,
+    pub sha256: String,
+}
+
+/// Checks and decodes a base file's bytes for `spec`'s model.
+pub fn parse_base(bytes: &[u8], spec: &ModelSpec) -> Result<LoraBase, LoraError> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| LoraError::Format(e.to_string()))?;
+    let mut tensors = Vec::new();
+    for p in spec.layout().params {
+        let view = st.tensor(&p.name).map_err(|_| LoraError::Missing(p.name.clone(), spec.kind.name()))?;
+        if view.dtype() != safetensors::Dtype::F32 || view.shape() != p.shape.as_slice() {
+            let got = format!("{:?} {:?}", view.dtype(), view.shape());
+            return Err(LoraError::Shape { name: p.name, got, want: p.shape });
+        }
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(LoraError::NonFinite { name: p.name, index });
+        }
+        tensors.push(values);
+    }
+    Ok(LoraBase { tensors, sha256: sha256_hex(bytes) })
+}
+
+/// Reads and checks the base at `path`; with `want_sha256`, refuses any other file.
+pub fn load_base(path: &Path, spec: &ModelSpec, want_sha256: Option<&str>) -> Result<LoraBase, LoraError> {
+    let shown = path.display().to_string();
+    let read_err = |e: std::io::Error| LoraError::Read { path: shown.clone(), why: e.to_string() };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.len() > MAX_BASE_FILE {
+        return Err(LoraError::TooLarge { path: shown });
+    }
+    let bytes = std::fs::read(path).map_err(read_err)?;
+    let base = parse_base(&bytes, spec)?;
+    match want_sha256 {
+        Some(want) if !want.eq_ignore_ascii_case(&base.sha256) => {
+            Err(LoraError::WrongHash { got: base.sha256, want: want.to_string() })
+        }
+        _ => Ok(base),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelKind;
+    use safetensors::tensor::{Dtype, TensorView};
+
+    fn file(spec: &ModelSpec, edit: impl Fn(&str, &mut Vec<u8>, &mut Vec<usize>)) -> Vec<u8> {
+        let params = spec.init_params(3);
+        let layout = spec.layout();
+        let mut owned = Vec::new();
+        for (p, (off, len)) in layout.params.iter().zip(layout.ranges()) {
+            let mut bytes: Vec<u8> = params[off..off + len].iter().flat_map(|v| v.to_le_bytes()).collect();
+            let mut shape = p.shape.clone();
+            edit(&p.name, &mut bytes, &mut shape);
+            owned.push((p.name.clone(), bytes, shape));
+        }
+        let views: Vec<(String, TensorView)> =
+            owned.iter().map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+        safetensors::serialize(views, &None).unwrap()
+    }
+
+    #[test]
+    fn a_base_is_checked_against_the_model() {
+        let spec = ModelSpec { kind: ModelKind::Mlp, in_features: 1, outputs: 1 };
+        let good = file(&spec, |_, _, _| {});
+        let base = parse_base(&good, &spec).unwrap();
+        assert_eq!(base.tensors.len(), 6);
+        assert_eq!(base.tensors.concat(), spec.init_params(3));
+        assert_eq!(base.sha256, sha256_hex(&good));
+        let nan = file(&spec, |n, b, _| {
+            if n == "layer2.bias" {
+                b[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+        });
+        assert!(matches!(parse_base(&nan, &spec), Err(LoraError::NonFinite { index: 0, .. })));
+        let other = ModelSpec { kind: ModelKind::MlpLn, in_features: 1, outputs: 1 };
+        assert!(matches!(parse_base(&good, &other), Err(LoraError::Missing(..) | LoraError::Shape { .. })));
+        let wide = ModelSpec { kind: ModelKind::Mlp, in_features: 2, outputs: 1 };
+        assert!(matches!(parse_base(&good, &wide), Err(LoraError::Shape { .. })));
+        assert!(matches!(parse_base(b"nonsense", &spec), Err(LoraError::Format(_))));
+    }
+
+    #[test]
+    fn load_base_refuses_another_file_than_the_coordinators() {
+        let spec = ModelSpec { kind: ModelKind::Mlp, in_features: 1, outputs: 1 };
+        let dir = std::env::temp_dir().join(format!("metatrain-lora-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("base.safetensors");
+        std::fs::write(&path, file(&spec, |_, _, _| {})).unwrap();
+        let base = load_base(&path, &spec, None).unwrap();
+        assert!(load_base(&path, &spec, Some(&base.sha256)).is_ok());
+        let wrong = "0".repeat(64);
+        assert!(matches!(load_base(&path, &spec, Some(&wrong)), Err(LoraError::WrongHash { .. })));
+        assert!(matches!(load_base(&dir.join("missing"), &spec, None), Err(LoraError::Read { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
