@@ -167,7 +167,10 @@ fn adapt_classifies_held_out_omniglot_characters_from_image_folders() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("3 query images predicted (no labels: not scored)"));
     let csv = std::fs::read_to_string(dir.join("flat.csv")).unwrap();
-    assert!(csv.lines().skip(1).all(|l| l.ends_with(",,") && l.split(',').nth(1).is_some_and(|c| c.starts_with("class"))));
+    assert!(csv
+        .lines()
+        .skip(1)
+        .all(|l| l.ends_with(",,") && l.split(',').nth(1).is_some_and(|c| c.starts_with("class"))));
 
     // Refusals: more classes than the model's N, a query class the support set lacks, a broken image.
     lake_folders(&dir.join("six"), 6);

@@ -112,7 +112,7 @@ pub async fn run(args: SweepArgs) -> Result<()> {
     for (r, c) in runs.iter().zip(&configs) {
         let dir = out.join(&r.name);
         if let Some(done) = report(&dir).filter(|_| finished(&dir)) {
-            let differs = changed_keys(&done["config"], &config_json(c));
+            let differs = changed_keys(&stored_config(&done["config"]), &config_json(c));
             if !differs.is_empty() {
                 bail!(
                     "{} holds a finished run made with another config ({}); move it away or use another --out",
@@ -250,6 +250,15 @@ fn report(dir: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).ok()?).ok()
 }
 
+/// A finished run's config (report.json's `config`) read back through [`Config`]: keys added to the
+/// config since that run, with their defaults, then do not count as changes. As stored if it no
+/// longer parses.
+fn stored_config(json: &serde_json::Value) -> serde_json::Value {
+    serde_json::from_value::<metatrain_common::config::Config>(json.clone())
+        .map(|old| config_json(&old))
+        .unwrap_or_else(|_| json.clone())
+}
+
 /// Dotted keys whose values differ between two configs' JSON forms (as in report.json).
 fn changed_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
@@ -273,4 +282,21 @@ fn changed_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
 
 fn finished(dir: &Path) -> bool {
     crate::train::report_is_final(dir)
+}
+
+#[cfg(test)]
+mod stored_config_tests {
+    use super::*;
+
+    #[test]
+    fn keys_added_since_a_run_with_their_defaults_are_not_changes() {
+        let now = metatrain_common::config::Config::default();
+        let mut old = config_json(&now);
+        old["algo"].as_object_mut().unwrap().remove("multi_step_loss");
+        old["train"].as_object_mut().unwrap().remove("lr_schedule");
+        assert_eq!(changed_keys(&old, &config_json(&now)).len(), 2, "raw JSON sees the new keys");
+        assert!(changed_keys(&stored_config(&old), &config_json(&now)).is_empty());
+        old["train"]["meta_lr"] = serde_json::json!(0.5);
+        assert_eq!(changed_keys(&stored_config(&old), &config_json(&now)), ["train.meta_lr"]);
+    }
 }
