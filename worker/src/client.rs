@@ -224,9 +224,9 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
         devices: opts.devices.clone(),
         batch: opts.batch,
     });
-    let (job_tx, job_rx) = std::sync::mpsc::channel::<Vec<Job>>();
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
-    let _threads = spawn_pool(ctx, opts.capacity, opts.threads, job_rx, out_tx);
+    // Dropped when the session ends, however it ends: stops and joins the compute threads.
+    let pool = spawn_pool(ctx, opts.capacity, opts.threads, out_tx);
     // The control stream is read by a task of its own: a frame is never dropped half-read because an
     // outcome became ready (as it would be if `read_frame` raced `out_rx` in one `select!`).
     let control = ControlReader::spawn(recv, Limits::with_payload(numel as u64 * 4));
@@ -257,7 +257,7 @@ async fn serve(connection: &quinn::Connection, opts: &ClientOptions, welcomed: &
                                 Ok(Job { assignment, params })
                             })
                             .collect::<Result<Vec<_>>>()?;
-                        job_tx.send(jobs).map_err(|_| anyhow!("compute pool stopped"))?;
+                        pool.send(jobs).map_err(|_| anyhow!("compute pool stopped"))?;
                     }
                     Message::Shutdown { reason } => return Ok(SessionEnd::Shutdown(reason)),
                     other => bail!("unexpected {} message from the coordinator", other.kind()),

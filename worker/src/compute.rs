@@ -14,7 +14,8 @@
 //! per-task loop for MAML, 0.7× for FOMAML, `bench/run.sh worker`). The choice depends only on the model
 //! and the kind of device, never on timing, so results stay independent of batching.
 
-use std::sync::mpsc::Receiver;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -57,19 +58,46 @@ pub struct Outcome {
     pub result: Result<(TaskResult, Vec<f32>), String>,
 }
 
-/// Starts `threads` compute threads, each using `intra_op_threads` libtorch threads. They stop when `jobs`
-/// closes or `out` is dropped.
+/// The compute threads of one session. Dropping it stops them: queued jobs are dropped, a thread
+/// finishes at most the task it is computing, and all are joined, so that no thread is still inside
+/// libtorch when the process exits (libtorch's static destructors would pull the ground from under it).
+pub struct Pool {
+    jobs: Option<Sender<Vec<Job>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Pool {
+    /// Queues one `Assign` message's jobs. `Err`: the threads are gone.
+    pub fn send(&self, jobs: Vec<Job>) -> Result<(), ()> {
+        self.jobs.as_ref().ok_or(())?.send(jobs).map_err(|_| ())
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.jobs.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts `threads` compute threads, each using `intra_op_threads` libtorch threads. They stop when the
+/// [`Pool`] is dropped or `out` is.
 pub fn spawn_pool(
     ctx: Arc<ComputeContext>,
     threads: usize,
     intra_op_threads: usize,
-    jobs: Receiver<Vec<Job>>,
     out: tokio::sync::mpsc::UnboundedSender<Outcome>,
-) -> Vec<std::thread::JoinHandle<()>> {
-    let jobs = Arc::new(Mutex::new(jobs));
-    (0..threads)
+) -> Pool {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Job>>();
+    let jobs = Arc::new(Mutex::new(rx));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = (0..threads)
         .map(|i| {
-            let (ctx, jobs, out) = (ctx.clone(), jobs.clone(), out.clone());
+            let (ctx, jobs, out, stop) = (ctx.clone(), jobs.clone(), out.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("compute-{i}"))
                 .spawn(move || loop {
@@ -79,8 +107,11 @@ pub fn spawn_pool(
                         tch::set_num_threads(intra_op_threads as i32);
                     }
                     let Some(taken) = take_jobs(&jobs, ctx.batch) else { return };
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
                     let device = ctx.devices[i % ctx.devices.len().max(1)];
-                    for outcome in run_jobs(&ctx, device, taken) {
+                    for outcome in run_jobs(&ctx, device, taken, &stop) {
                         if out.send(outcome).is_err() {
                             return;
                         }
@@ -88,7 +119,8 @@ pub fn spawn_pool(
                 })
                 .expect("spawning a compute thread")
         })
-        .collect()
+        .collect();
+    Pool { jobs: Some(tx), threads, stop }
 }
 
 /// Waits for a group of jobs, then takes every further group already queued while fewer than `batch`
@@ -106,7 +138,7 @@ fn take_jobs(jobs: &Mutex<Receiver<Vec<Job>>>, batch: usize) -> Option<Vec<Job>>
 }
 
 /// Computes `jobs` in batches of at most `ctx.batch` tasks that share a mode and a parameter version.
-fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcome> {
+fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>, stop: &AtomicBool) -> Vec<Outcome> {
     let mut groups: Vec<Vec<Job>> = Vec::new();
     for job in jobs {
         let key = (job.assignment.mode, job.assignment.version);
@@ -120,7 +152,10 @@ fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcome
         let mut group = group.into_iter().peekable();
         while group.peek().is_some() {
             let chunk: Vec<Job> = group.by_ref().take(ctx.batch.max(1)).collect();
-            outcomes.extend(run_batch(ctx, device, chunk));
+            if stop.load(Ordering::SeqCst) {
+                return outcomes;
+            }
+            outcomes.extend(run_batch(ctx, device, chunk, stop));
         }
     }
     outcomes
@@ -129,7 +164,7 @@ fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcome
 /// Computes tasks that share a mode and a parameter version as one batch: meta-gradients for training,
 /// first-order adaptation for evaluation. A task whose data cannot be made fails alone; the others are
 /// computed.
-fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcome> {
+fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>, stop: &AtomicBool) -> Vec<Outcome> {
     let started = Instant::now();
     let mut outcomes = Vec::new();
     let mut ready: Vec<(Job, f64, TaskTensors)> = Vec::new();
@@ -178,8 +213,10 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>) -> Vec<Outcom
             Mode::Eval => evaluate(&ctx.spec, &params, &batch, &inner, algo.compute_dtype),
         }
     } else {
+        // One task at a time: a stopping pool finishes only the task in hand (the rest would not be sent).
         rest.iter()
             .zip(&jobs)
+            .take_while(|_| !stop.load(Ordering::SeqCst))
             .map(|(task, (job, _))| match mode {
                 Mode::Train => {
                     let plan = Plan::at(algo, job.assignment.spec.step);
