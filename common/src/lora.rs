@@ -8,7 +8,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
-use crate::layout::{sha256_hex, ModelSpec};
+use crate::layout::{sha256_hex, ModelSpec, ParamLayout};
 
 /// Largest base file read (a 1B-parameter model in f32 is 4 GB).
 pub const MAX_BASE_FILE: u64 = 8 << 30;
@@ -19,16 +19,44 @@ pub enum LoraError {
     Read { path: String, why: String },
     #[error("the LoRA base {path} is larger than {MAX_BASE_FILE} bytes")]
     TooLarge { path: String },
-    #[error("the LoRA base is not a safetensors file: {0}")]
-    Format(String),
-    #[error("the LoRA base has no tensor {0:?} (it must hold the {1} model's tensors under their names)")]
-    Missing(String, &'static str),
-    #[error("the LoRA base's {name} is {got}, the model needs F32 {want:?}")]
-    Shape { name: String, got: String, want: Vec<usize> },
-    #[error("the LoRA base's {name}[{index}] is not finite")]
-    NonFinite { name: String, index: usize },
+    #[error("the LoRA base (the {1} model's tensors under their names): {0}")]
+    Tensors(TensorsError, &'static str),
     #[error("the LoRA base's SHA-256 is {got}, the run's config says {want}: another file than the coordinator's")]
     WrongHash { got: String, want: String },
+}
+
+/// Why a safetensors file does not hold a layout's tensors.
+#[derive(Debug, Error, PartialEq)]
+pub enum TensorsError {
+    #[error("not a safetensors file: {0}")]
+    Format(String),
+    #[error("no tensor {0:?}")]
+    Missing(String),
+    #[error("{name} is {got}, expected F32 {want:?}")]
+    Shape { name: String, got: String, want: Vec<usize> },
+    #[error("{name}[{index}] is not finite")]
+    NonFinite { name: String, index: usize },
+}
+
+/// The tensors of `layout`, by name, from safetensors bytes: each f32, of the layout's shape and finite
+/// (other tensors in the file are ignored). Also reads `params.safetensors` for `metatrain adapt`.
+pub fn parse_tensors(bytes: &[u8], layout: &ParamLayout) -> Result<Vec<Vec<f32>>, TensorsError> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| TensorsError::Format(e.to_string()))?;
+    let mut tensors = Vec::new();
+    for p in &layout.params {
+        let view = st.tensor(&p.name).map_err(|_| TensorsError::Missing(p.name.clone()))?;
+        if view.dtype() != safetensors::Dtype::F32 || view.shape() != p.shape.as_slice() {
+            let got = format!("{:?} {:?}", view.dtype(), view.shape());
+            return Err(TensorsError::Shape { name: p.name.clone(), got, want: p.shape.clone() });
+        }
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(TensorsError::NonFinite { name: p.name.clone(), index });
+        }
+        tensors.push(values);
+    }
+    Ok(tensors)
 }
 
 /// The base model's tensors (f32, layout order) and the SHA-256 of the file they came from.
@@ -40,21 +68,7 @@ pub struct LoraBase {
 
 /// Checks and decodes a base file's bytes for `spec`'s model.
 pub fn parse_base(bytes: &[u8], spec: &ModelSpec) -> Result<LoraBase, LoraError> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| LoraError::Format(e.to_string()))?;
-    let mut tensors = Vec::new();
-    for p in spec.layout().params {
-        let view = st.tensor(&p.name).map_err(|_| LoraError::Missing(p.name.clone(), spec.kind.name()))?;
-        if view.dtype() != safetensors::Dtype::F32 || view.shape() != p.shape.as_slice() {
-            let got = format!("{:?} {:?}", view.dtype(), view.shape());
-            return Err(LoraError::Shape { name: p.name, got, want: p.shape });
-        }
-        let values: Vec<f32> =
-            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
-            return Err(LoraError::NonFinite { name: p.name, index });
-        }
-        tensors.push(values);
-    }
+    let tensors = parse_tensors(bytes, &spec.layout()).map_err(|e| LoraError::Tensors(e, spec.kind.name()))?;
     Ok(LoraBase { tensors, sha256: sha256_hex(bytes) })
 }
 
@@ -110,12 +124,16 @@ mod tests {
                 b[..4].copy_from_slice(&f32::NAN.to_le_bytes());
             }
         });
-        assert!(matches!(parse_base(&nan, &spec), Err(LoraError::NonFinite { index: 0, .. })));
+        let err = |r: Result<LoraBase, LoraError>| match r {
+            Err(LoraError::Tensors(e, _)) => e,
+            other => panic!("expected a tensors error, got {other:?}"),
+        };
+        assert!(matches!(err(parse_base(&nan, &spec)), TensorsError::NonFinite { index: 0, .. }));
         let other = ModelSpec { kind: ModelKind::MlpLn, in_features: 1, outputs: 1 };
-        assert!(matches!(parse_base(&good, &other), Err(LoraError::Missing(..) | LoraError::Shape { .. })));
+        assert!(matches!(err(parse_base(&good, &other)), TensorsError::Missing(_) | TensorsError::Shape { .. }));
         let wide = ModelSpec { kind: ModelKind::Mlp, in_features: 2, outputs: 1 };
-        assert!(matches!(parse_base(&good, &wide), Err(LoraError::Shape { .. })));
-        assert!(matches!(parse_base(b"nonsense", &spec), Err(LoraError::Format(_))));
+        assert!(matches!(err(parse_base(&good, &wide)), TensorsError::Shape { .. }));
+        assert!(matches!(err(parse_base(b"nonsense", &spec)), TensorsError::Format(_)));
     }
 
     #[test]

@@ -170,38 +170,16 @@ fn load_params(path: &Path, config_path: Option<&Path>) -> Result<(Config, Vec<T
         ),
     };
     let config = Config::from_toml(&text).context("the run's config is invalid")?;
-    let tensors = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
     let layout = meta_layout(&ModelSpec::from_config(&config), &config.model, &config.algo);
-    let mut out = Vec::new();
-    for p in &layout.params {
-        let view = tensors.tensor(&p.name).map_err(|_| {
-            anyhow::anyhow!(
-                "{} has no tensor {:?}: it is not a {} {} initialisation",
-                path.display(),
-                p.name,
-                config.model.name.name(),
-                config.algo.name.name()
-            )
-        })?;
-        if view.dtype() != safetensors::Dtype::F32 || view.shape() != p.shape.as_slice() {
-            bail!(
-                "{}: {} is {:?} {:?}, expected F32 {:?}",
-                path.display(),
-                p.name,
-                view.dtype(),
-                view.shape(),
-                p.shape
-            );
-        }
-        let values: Vec<f32> =
-            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            bail!("{}: {}[{i}] is not finite", path.display(), p.name);
-        }
-        let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
-        out.push(Tensor::from_slice(&values).reshape(shape));
-    }
+    let what = format!("a {} {} initialisation", config.model.name.name(), config.algo.name.name());
+    let values = metatrain_common::lora::parse_tensors(&bytes, &layout)
+        .with_context(|| format!("{} is not {what}", path.display()))?;
+    let out = layout
+        .params
+        .iter()
+        .zip(values)
+        .map(|(p, v)| Tensor::from_slice(&v).reshape(p.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()))
+        .collect();
     Ok((config, out))
 }
 
