@@ -191,6 +191,11 @@ impl ModelSpec {
 /// (Meta-SGD: a rate per entry) or `[inner_steps]` (MAML++'s per-step rates: one per tensor and step).
 pub const LEARNED_LR_PREFIX: &str = "inner_lr.";
 
+/// Whether a model tensor is a batch-norm scale or shift (conv4's `bn<i>.weight` / `bn<i>.bias`).
+fn is_batch_norm(name: &str) -> bool {
+    name.starts_with("bn")
+}
+
 /// Name prefix of LoRA adapters: `lora.<weight>.a` (`[r, fan_in]`) and `lora.<weight>.b` (`[out, r]`).
 pub const LORA_PREFIX: &str = "lora.";
 
@@ -211,6 +216,11 @@ pub fn lora_layout(spec: &ModelSpec, rank: usize) -> ParamLayout {
 /// same order (ANIL adapts only the head, the last two tensors).
 pub fn meta_layout(spec: &ModelSpec, model: &ModelConfig, algo: &AlgoConfig) -> ParamLayout {
     let mut layout = if model.lora() { lora_layout(spec, model.lora_rank) } else { spec.layout() };
+    if algo.per_step_bn {
+        for p in layout.params.iter_mut().filter(|p| is_batch_norm(&p.name)) {
+            p.shape.insert(0, algo.inner_steps + 1);
+        }
+    }
     let n = layout.params.len();
     let adapts = |i: usize| !algo.name.head_only() || i + 2 >= n;
     let rate_shape = |p: &ParamSpec| {
@@ -249,6 +259,17 @@ pub fn meta_init(spec: &ModelSpec, model: &ModelConfig, algo: &AlgoConfig, seed:
                 out.extend((0..p.numel()).map(|_| uniform(&mut rng, -b, b) as f32));
             } else {
                 out.extend(std::iter::repeat_n(0.0f32, p.numel()));
+            }
+        }
+        out
+    } else if algo.per_step_bn {
+        // Every step's row starts as the model's batch-norm initialisation.
+        let init = spec.init_params(seed);
+        let mut out = Vec::with_capacity(init.len());
+        for (p, (off, len)) in spec.layout().params.iter().zip(spec.layout().ranges()) {
+            let rows = if is_batch_norm(&p.name) { algo.inner_steps + 1 } else { 1 };
+            for _ in 0..rows {
+                out.extend_from_slice(&init[off..off + len]);
             }
         }
         out
@@ -384,6 +405,23 @@ mod tests {
         assert!(init[r[1].0..r[1].0 + r[1].1].iter().all(|v| *v == 0.0), "B starts at zero");
         let a = &init[r[0].0..r[0].0 + r[0].1];
         assert!(a.iter().all(|v| v.abs() <= 1.0 / 3.0) && a.iter().any(|v| *v != 0.0));
+    }
+
+    #[test]
+    fn per_step_batch_norm_has_a_row_per_step_starting_at_the_models_init() {
+        let s = spec(ModelKind::Conv4, 784, 5);
+        let algo = AlgoConfig { inner_steps: 2, per_step_bn: true, ..AlgoConfig::default() };
+        let l = meta_layout(&s, &ModelConfig::default(), &algo);
+        assert_eq!(l.params[2].name, "bn1.weight");
+        assert_eq!(l.params[2].shape, vec![3, 64]);
+        assert_eq!(l.params[0].shape, vec![64, 1, 3, 3]);
+        assert_eq!(l.numel(), s.layout().numel() + 8 * 64 * 2);
+        let init = meta_init(&s, &ModelConfig::default(), &algo, 4);
+        let r = l.ranges();
+        let bn1w = &init[r[2].0..r[2].0 + r[2].1];
+        let bn1b = &init[r[3].0..r[3].0 + r[3].1];
+        assert!(bn1w.iter().all(|v| *v == 1.0) && bn1b.iter().all(|v| *v == 0.0));
+        assert_eq!(&init[r[0].0..r[0].0 + r[0].1], &s.init_params(4)[..576]);
     }
 
     #[test]

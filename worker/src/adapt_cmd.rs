@@ -26,7 +26,7 @@ use metatrain_common::layout::{meta_layout, ModelSpec};
 use tch::{Kind, Tensor};
 
 use crate::algo::{adapt_each, rule, split, InnerLoop, TaskTensors};
-use crate::model::{accuracy, loss, LoraNet, Net, TargetTensor};
+use crate::model::{accuracy, loss, TargetTensor};
 
 #[derive(Args, Debug)]
 pub struct AdaptArgs {
@@ -105,35 +105,27 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     };
     let spec = ModelSpec { outputs: examples.outputs(spec.outputs), ..spec };
     // LoRA: the parameters are adapters of the frozen base the run was pinned to.
-    let lora = match (&config.model.lora_base, &config.model.lora_base_sha256) {
-        (Some(path), sha) if config.model.lora() => {
-            let base = metatrain_common::lora::load_base(Path::new(path), &spec, sha.as_deref())
-                .context("adapting a LoRA initialisation needs its base model file, at the path the run used")?;
-            let tensors = spec
-                .layout()
-                .params
-                .iter()
-                .zip(base.tensors)
-                .map(|(p, v)| Tensor::from_slice(&v).reshape(p.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()))
-                .collect();
-            Some(LoraNet::new(spec.clone(), tensors, config.model.lora_scale()))
-        }
+    let base = match (&config.model.lora_base, &config.model.lora_base_sha256) {
+        (Some(path), sha) if config.model.lora() => Some(
+            metatrain_common::lora::load_base(Path::new(path), &spec, sha.as_deref())
+                .context("adapting a LoRA initialisation needs its base model file, at the path the run used")?,
+        ),
         _ => None,
     };
-    let net: &dyn Net = match &lora {
-        Some(l) => l,
-        None => &spec,
-    };
+    let net = crate::compute::net_for(&config, &spec, base.as_ref(), tch::Device::Cpu);
+    let net = net.as_ref();
     let theta: Vec<Tensor> = params.iter().map(|t| t.set_requires_grad(true)).collect();
     let (model, extra) = split(net, &theta);
     let rule = rule(algo, config.algo.per_step_lrs, extra);
     let adapted = adapt_each(net, model, &examples.task, &inner, false, rule, algo.head_only(), &mut |_, _| {});
     let (before, after) =
         tch::no_grad(|| (net.forward(model, &examples.task.query_x), net.forward(&adapted, &examples.task.query_x)));
-    let support_loss = |p: &[Tensor]| {
-        tch::no_grad(|| loss(&net.forward(p, &examples.task.support_x), &examples.task.support_y).double_value(&[]))
+    let support_loss = |p: &[Tensor], step: usize| {
+        tch::no_grad(|| {
+            loss(&net.forward_at(p, &examples.task.support_x, step), &examples.task.support_y).double_value(&[])
+        })
     };
-    let (s0, s1) = (support_loss(model), support_loss(&adapted));
+    let (s0, s1) = (support_loss(model, 0), support_loss(&adapted, steps));
     if !s1.is_finite() || after.isfinite().all().int64_value(&[]) != 1 {
         bail!("adaptation diverged (support loss {s0:.4} → {s1}); lower --lr or --steps");
     }

@@ -133,13 +133,15 @@ pub fn rule(algo: AlgoKind, per_step_lrs: bool, extra: &[Tensor]) -> Rule<'_> {
     }
 }
 
-/// Indices of the tensors `rule` moves among `n` model tensors (ANIL: the head, even with per-step rates).
-fn moving(rule: Rule, head_only: bool, n: usize) -> std::ops::Range<usize> {
-    match rule {
+/// Indices of the tensors `rule` moves among `net`'s `n` tensors (ANIL: the head, even with per-step
+/// rates; never a tensor the net keeps out of the inner loop).
+fn moving(net: &dyn Net, rule: Rule, head_only: bool, n: usize) -> Vec<usize> {
+    let range = match rule {
         Rule::Head => n.saturating_sub(2)..n,
         Rule::PerStep(_) if head_only => n.saturating_sub(2)..n,
         Rule::All | Rule::Learned(_) | Rule::PerStep(_) => 0..n,
-    }
+    };
+    range.filter(|&i| net.adapts(i)).collect()
 }
 
 /// Tensor `i` of `n` after inner step `k` (0-based) with clamped gradient `g`.
@@ -191,11 +193,12 @@ pub fn adapt_each(
 ) -> Vec<Tensor> {
     let mut fast: Vec<Tensor> = params.iter().map(|p| p.shallow_clone()).collect();
     let n = fast.len();
-    let moved = moving(rule, head_only, n);
+    let moved = moving(spec, rule, head_only, n);
     for k in 0..inner.steps {
-        let support_loss = loss(&spec.forward(&fast, &task.support_x), &task.support_y);
-        let grads = Tensor::run_backward(&[&support_loss], &fast[moved.clone()], create_graph, create_graph);
-        for (i, g) in moved.clone().zip(grads) {
+        let support_loss = loss(&spec.forward_at(&fast, &task.support_x, k), &task.support_y);
+        let inputs: Vec<&Tensor> = moved.iter().map(|&i| &fast[i]).collect();
+        let grads = Tensor::run_backward(&[&support_loss], &inputs, create_graph, create_graph);
+        for (&i, g) in moved.iter().zip(grads) {
             fast[i] = step_tensor(rule, &fast[i], clamp(g, inner.clamp), (i, n), k, inner.lr);
         }
         after_step(k + 1, &fast);
@@ -203,10 +206,10 @@ pub fn adapt_each(
     fast
 }
 
-/// Query loss (and accuracy) of parameters, without building a graph.
-fn evaluate(spec: &dyn Net, params: &[Tensor], task: &TaskTensors) -> (f64, Option<f64>) {
+/// Query loss (and accuracy) of parameters after `step` inner steps, without building a graph.
+fn evaluate(spec: &dyn Net, params: &[Tensor], task: &TaskTensors, step: usize) -> (f64, Option<f64>) {
     tch::no_grad(|| {
-        let out = spec.forward(params, &task.query_x);
+        let out = spec.forward_at(params, &task.query_x, step);
         (loss(&out, &task.query_y).double_value(&[]), accuracy(&out, &task.query_y))
     })
 }
@@ -240,11 +243,11 @@ pub fn meta_gradient_with(
 ) -> TaskOutput {
     let theta = leaves(params);
     let (model, extra) = split(spec, &theta);
-    let (pre_loss, pre_accuracy) = evaluate(spec, model, task);
+    let (pre_loss, pre_accuracy) = evaluate(spec, model, task, 0);
     let rule = rule(algo, plan.per_step_lrs, extra);
     if algo == AlgoKind::Reptile {
         let adapted = adapt_with(spec, model, task, inner, false, rule);
-        let (post_loss, post_accuracy) = evaluate(spec, &adapted, task);
+        let (post_loss, post_accuracy) = evaluate(spec, &adapted, task, inner.steps);
         let delta = model.iter().zip(&adapted).map(|(t, a)| (t - a).detach()).collect();
         return TaskOutput { meta_gradient: Some(delta), pre_loss, post_loss, pre_accuracy, post_accuracy };
     }
@@ -253,14 +256,14 @@ pub fn meta_gradient_with(
     let weights = plan.step_weights.as_deref().filter(|w| w.len() == inner.steps && inner.steps > 1);
     let adapted = adapt_each(spec, model, task, inner, plan.second_order, rule, algo.head_only(), &mut |k, fast| {
         if let Some(w) = weights.filter(|_| k < inner.steps) {
-            let l = loss(&spec.forward(fast, &task.query_x), &task.query_y) * w[k - 1];
+            let l = loss(&spec.forward_at(fast, &task.query_x, k), &task.query_y) * w[k - 1];
             objective = Some(match objective.take() {
                 Some(sum) => sum + l,
                 None => l,
             });
         }
     });
-    let out = spec.forward(&adapted, &task.query_x);
+    let out = spec.forward_at(&adapted, &task.query_x, inner.steps);
     let query_loss = loss(&out, &task.query_y);
     let post_accuracy = tch::no_grad(|| accuracy(&out, &task.query_y));
     let post_loss = query_loss.double_value(&[]);
@@ -268,7 +271,13 @@ pub fn meta_gradient_with(
         (Some(sum), Some(w)) => sum + &query_loss * w[inner.steps - 1],
         _ => query_loss,
     };
-    let meta_gradient = Tensor::run_backward(&[&objective], &theta, false, false);
+    // A meta-parameter the objective does not reach (a learned rate of a tensor the inner loop keeps
+    // fixed) gets an undefined gradient from autograd: it is zero.
+    let meta_gradient = Tensor::run_backward(&[&objective], &theta, false, false)
+        .into_iter()
+        .zip(&theta)
+        .map(|(g, t)| if g.defined() { g } else { t.zeros_like() })
+        .collect();
     TaskOutput { meta_gradient: Some(meta_gradient), pre_loss, post_loss, pre_accuracy, post_accuracy }
 }
 
@@ -298,20 +307,21 @@ pub fn evaluate_task_with(
     let theta = leaves(params);
     let (model, extra) = split(spec, &theta);
     let rule = rule(algo, per_step_lrs, extra);
-    let (pre_loss, pre_accuracy) = evaluate(spec, model, task);
+    let (pre_loss, pre_accuracy) = evaluate(spec, model, task, 0);
     let mut fast: Vec<Tensor> = model.iter().map(|t| t.shallow_clone()).collect();
     let n = fast.len();
-    let moved = moving(rule, algo.head_only(), n);
+    let moved = moving(spec, rule, algo.head_only(), n);
     for k in 0..inner.steps {
-        let support_loss = loss(&spec.forward(&fast, &task.support_x), &task.support_y);
-        let grads = Tensor::run_backward(&[&support_loss], &fast[moved.clone()], false, false);
-        for (i, g) in moved.clone().zip(grads) {
+        let support_loss = loss(&spec.forward_at(&fast, &task.support_x, k), &task.support_y);
+        let inputs: Vec<&Tensor> = moved.iter().map(|&i| &fast[i]).collect();
+        let grads = Tensor::run_backward(&[&support_loss], &inputs, false, false);
+        for (&i, g) in moved.iter().zip(grads) {
             // Detached: evaluation builds no graph across steps.
             fast[i] = step_tensor(rule, &fast[i], clamp(g, inner.clamp), (i, n), k, inner.lr)
                 .detach()
                 .set_requires_grad(true);
         }
     }
-    let (post_loss, post_accuracy) = evaluate(spec, &fast, task);
+    let (post_loss, post_accuracy) = evaluate(spec, &fast, task, inner.steps);
     TaskOutput { meta_gradient: None, pre_loss, post_loss, pre_accuracy, post_accuracy }
 }

@@ -30,7 +30,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::algo::{evaluate_task_with, meta_gradient_with, InnerLoop, Plan, TaskOutput, TaskTensors};
 use crate::batched::{evaluate, meta_gradients, TaskBatch};
-use crate::model::{LoraNet, Net};
+use crate::model::{LoraNet, Net, PerStepBn};
 use crate::tensors::{flat_from_tensors, params_from_flat, task_tensors};
 
 /// Everything a compute thread needs besides the job itself; fixed for a session.
@@ -182,12 +182,8 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>, stop: &Atomic
         params_from_flat(&ctx.layout, &first.params, Kind::Float).into_iter().map(|t| t.to_device(device)).collect();
     let (jobs, rest): (Vec<(Job, f64)>, Vec<TaskTensors>) = ready.into_iter().map(|(j, d, t)| ((j, d), t)).unzip();
     let algo = &ctx.config.algo;
-    // LoRA: the algorithms adapt the adapters of the frozen base; otherwise the model itself.
-    let lora = ctx.lora_base.as_ref().map(|base| lora_net(&ctx.spec, base, ctx.config.model.lora_scale(), device));
-    let net: &dyn Net = match &lora {
-        Some(l) => l,
-        None => &ctx.spec,
-    };
+    let net = net_for(&ctx.config, &ctx.spec, ctx.lora_base.as_ref(), device);
+    let net = net.as_ref();
     let mode = jobs[0].0.assignment.mode;
     let inner = match mode {
         Mode::Train => InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp },
@@ -237,19 +233,26 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>, stop: &Atomic
     outcomes
 }
 
-/// The LoRA net over `base` on `device`.
-fn lora_net(spec: &ModelSpec, base: &LoraBase, scale: f64, device: Device) -> LoraNet {
-    let layout = spec.layout();
-    let tensors = layout
-        .params
-        .iter()
-        .zip(&base.tensors)
-        .map(|(p, v)| {
-            let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
-            Tensor::from_slice(v).reshape(shape).to_device(device)
-        })
-        .collect();
-    LoraNet::new(spec.clone(), tensors, scale)
+/// What the algorithms adapt for this run: LoRA adapters of the frozen `lora_base`, conv4 with MAML++'s
+/// per-step batch norm, or the model itself.
+pub fn net_for(config: &Config, spec: &ModelSpec, lora_base: Option<&LoraBase>, device: Device) -> Box<dyn Net> {
+    if let Some(base) = lora_base {
+        let tensors = spec
+            .layout()
+            .params
+            .iter()
+            .zip(&base.tensors)
+            .map(|(p, v)| {
+                let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+                Tensor::from_slice(v).reshape(shape).to_device(device)
+            })
+            .collect();
+        return Box::new(LoraNet::new(spec.clone(), tensors, config.model.lora_scale()));
+    }
+    if config.algo.per_step_bn {
+        return Box::new(PerStepBn::new(spec.clone(), config.algo.inner_steps));
+    }
+    Box::new(spec.clone())
 }
 
 /// Whether tasks of `mode` are computed as batches on `device` (see the module docs).
@@ -257,7 +260,7 @@ fn batching_pays(config: &Config, spec: &ModelSpec, device: Device, mode: Mode) 
     // The batched path implements MAML and FOMAML meta-gradients, and evaluation that moves every
     // parameter at the inner learning rate (MAML, FOMAML, Reptile).
     // None of MAML++'s options is batched, nor LoRA.
-    if config.model.lora() {
+    if config.model.lora() || config.algo.per_step_bn {
         return false;
     }
     let a = &config.algo;

@@ -568,3 +568,49 @@ fn lora_meta_gradients_of_the_adapters_match_finite_differences() {
         assert!(worst < TOL, "LoRA meta-gradient disagrees with finite differences: {worst:e}");
     }
 }
+
+#[test]
+fn per_step_batch_norm_meta_gradient_matches_finite_differences() {
+    use crate::algo::Rule;
+    use crate::model::{Net, PerStepBn};
+    let spec = ModelSpec { kind: ModelKind::Conv4, in_features: 784, outputs: 3 };
+    let steps = 2;
+    let net = PerStepBn::new(spec.clone(), steps);
+    let theta = params(&spec, 131);
+    // Every batch-norm tensor gets K + 1 different rows.
+    let meta: Vec<Tensor> = theta
+        .iter()
+        .zip(spec.layout().params.iter())
+        .map(|(t, p)| {
+            if p.name.starts_with("bn") {
+                Tensor::stack(&[t + randn(&t.size()) * 0.1, t + randn(&t.size()) * 0.1, t.shallow_clone()], 0)
+            } else {
+                t.shallow_clone()
+            }
+        })
+        .collect();
+    seeded(131);
+    let task = image_task(3, 2, 2);
+    let inner = InnerLoop { steps, lr: 0.2, clamp: 10.0 };
+    let g = meta_gradient(&net, AlgoKind::Maml, &meta, &task, &inner).meta_gradient.expect("g");
+    let f = |m: &[Tensor]| {
+        let adapted = adapt_with(&net, &leaves(m), &task, &inner, false, Rule::All);
+        loss(&net.forward_at(&adapted, &task.query_x, steps), &task.query_y).double_value(&[])
+    };
+    let names = model_names(&spec);
+    let mut worst: f64 = 0.0;
+    for v in directions(&meta, &names, &["bn1.weight", "bn3.bias", "conv2.weight"], 4) {
+        let fd = (f(&shifted(&meta, &v, EPS)) - f(&shifted(&meta, &v, -EPS))) / (2.0 * EPS);
+        worst = worst.max((dot(&g, &v) - fd).abs() / fd.abs().max(1e-2));
+    }
+    // Each step's row has its own gradient (row k is used at step k; row K on the query set).
+    let bn1 = &g[2];
+    let rows: Vec<f64> = (0..=steps as i64).map(|k| bn1.get(k).norm().double_value(&[])).collect();
+    println!("Conv4 K={steps} per-step batch norm vs finite differences: max rel err {worst:.2e}; |dL/d bn1.weight[k]| {rows:?}");
+    assert!(worst < TOL, "per-step batch-norm meta-gradient disagrees with finite differences: {worst:e}");
+    assert!(rows.iter().all(|r| *r > 1e-8), "every row gets a gradient: {rows:?}");
+    // The inner loop leaves the batch-norm rows where they are.
+    let adapted = adapt_with(&net, &leaves(&meta), &task, &inner, false, Rule::All);
+    assert_eq!((adapted[2].detach() - &meta[2]).abs().max().double_value(&[]), 0.0);
+    assert!((adapted[0].detach() - &meta[0]).abs().max().double_value(&[]) > 0.0);
+}

@@ -83,6 +83,15 @@ pub trait Net {
     fn forward(&self, params: &[Tensor], x: &Tensor) -> Tensor;
     /// How many leading meta-parameters are the net's own tensors (the rest are learned inner rates).
     fn n_tensors(&self) -> usize;
+    /// Outputs at inner step `step` (0: before adapting, k: after k steps). The same at every step but
+    /// for MAML++'s per-step batch norm ([`PerStepBn`]).
+    fn forward_at(&self, params: &[Tensor], x: &Tensor, _step: usize) -> Tensor {
+        self.forward(params, x)
+    }
+    /// Whether the inner loop may move tensor `i` (per-step batch-norm tensors are meta-learned only).
+    fn adapts(&self, _i: usize) -> bool {
+        true
+    }
 }
 
 impl Net for ModelSpec {
@@ -131,5 +140,48 @@ impl Net for LoraNet {
 
     fn n_tensors(&self) -> usize {
         2 * self.targets.len()
+    }
+}
+
+/// MAML++'s per-step batch-norm weights and biases (BNWB) on conv4: each batch-norm scale and shift holds
+/// one row per inner step, `[K + 1, C]`; row k is used at step k (row K after the last step). They are
+/// meta-learned, not adapted by the inner loop (as in MAML++). Statistics are always the batch's own.
+pub struct PerStepBn {
+    spec: ModelSpec,
+    /// Indices of the batch-norm tensors.
+    bn: Vec<usize>,
+    /// K: rows are 0..=K.
+    steps: usize,
+}
+
+impl PerStepBn {
+    pub fn new(spec: ModelSpec, steps: usize) -> PerStepBn {
+        let bn =
+            spec.layout().params.iter().enumerate().filter(|(_, p)| p.name.starts_with("bn")).map(|(i, _)| i).collect();
+        PerStepBn { spec, bn, steps }
+    }
+}
+
+impl Net for PerStepBn {
+    fn forward(&self, params: &[Tensor], x: &Tensor) -> Tensor {
+        self.forward_at(params, x, self.steps)
+    }
+
+    fn n_tensors(&self) -> usize {
+        self.spec.layout().params.len()
+    }
+
+    fn forward_at(&self, params: &[Tensor], x: &Tensor, step: usize) -> Tensor {
+        let row = step.min(self.steps) as i64;
+        let at: Vec<Tensor> = params
+            .iter()
+            .enumerate()
+            .map(|(i, t)| if self.bn.contains(&i) { t.get(row) } else { t.shallow_clone() })
+            .collect();
+        forward(&self.spec, &at, x)
+    }
+
+    fn adapts(&self, i: usize) -> bool {
+        !self.bn.contains(&i)
     }
 }

@@ -291,6 +291,11 @@ pub struct AlgoConfig {
     /// MAML++ derivative-order annealing: the first this many meta-steps are first order, the rest as
     /// the algorithm says (second order for maml, anil, meta-sgd). Default 0.
     pub first_order_steps: u64,
+    /// MAML++ per-step batch norm (BNWB), conv4 only: each batch-norm scale and shift has one row per
+    /// inner step (`[inner_steps + 1, C]` in the layout; row k used at step k), meta-learned and kept
+    /// out of the inner loop; evaluation then adapts `inner_steps` steps. Statistics are always the
+    /// batch's own (no running statistics to keep per step). Default false.
+    pub per_step_bn: bool,
 }
 
 /// See [`AlgoConfig::compute_dtype`].
@@ -314,6 +319,7 @@ impl Default for AlgoConfig {
             msl_anneal_steps: 1000,
             per_step_lrs: false,
             first_order_steps: 0,
+            per_step_bn: false,
         }
     }
 }
@@ -527,6 +533,9 @@ impl Config {
             ));
         }
         schedule::validate(a, &self.train)?;
+        if a.per_step_bn && (self.model.name != ModelKind::Conv4 || self.model.lora()) {
+            return Err(invalid("algo.per_step_bn", "applies to conv4's batch norm, without LoRA"));
+        }
         if a.compute_dtype == ComputeDtype::Bf16 && !matches!(a.name, AlgoKind::Maml | AlgoKind::Fomaml) {
             return Err(invalid(
                 "algo.compute_dtype",
@@ -596,7 +605,7 @@ impl Config {
     /// `algo.per_step_lrs`), which are tuned for `algo.inner_steps` steps (ten steps at rates learned for
     /// one diverge).
     pub fn eval_inner_steps(&self) -> usize {
-        if self.algo.name.learns_inner_lr() || self.algo.per_step_lrs {
+        if self.algo.name.learns_inner_lr() || self.algo.per_step_lrs || self.algo.per_step_bn {
             self.algo.inner_steps
         } else {
             self.eval.inner_steps

@@ -68,7 +68,13 @@ pub(super) fn validate(a: &AlgoConfig, t: &TrainConfig) -> Result<(), ConfigErro
     if a.first_order_steps > 0 && !a.name.second_order() {
         return Err(invalid("algo.first_order_steps", format!("{} is first order already", a.name.name())));
     }
-    let maml_pp = a.multi_step_loss || a.per_step_lrs || a.first_order_steps > 0;
+    if a.per_step_bn && a.name == AlgoKind::Reptile {
+        return Err(invalid(
+            "algo.per_step_bn",
+            "reptile moves only what the inner loop adapts; per-step batch norm is not adapted",
+        ));
+    }
+    let maml_pp = a.multi_step_loss || a.per_step_lrs || a.first_order_steps > 0 || a.per_step_bn;
     if maml_pp && a.compute_dtype == super::ComputeDtype::Bf16 {
         return Err(invalid("algo.compute_dtype", "bf16 is not implemented with the MAML++ options"));
     }
