@@ -4,6 +4,7 @@
 //! this way: the coordinator to check it and record its SHA-256 in the run's config, each worker to
 //! compute with it after checking the same hash.
 
+use std::io::Read;
 use std::path::Path;
 
 use thiserror::Error;
@@ -19,8 +20,10 @@ pub enum LoraError {
     Read { path: String, why: String },
     #[error("the LoRA base {path} is larger than {MAX_BASE_FILE} bytes")]
     TooLarge { path: String },
-    #[error("the LoRA base (the {1} model's tensors under their names): {0}")]
-    Tensors(TensorsError, &'static str),
+    #[error("the LoRA base {path} (model.lora_base: the {model} model's tensors under their names): {why}")]
+    Tensors { why: TensorsError, model: &'static str, path: String },
+    #[error("the LoRA base {path} is not a regular file")]
+    NotAFile { path: String },
     #[error("the LoRA base's SHA-256 is {got}, the run's config says {want}: another file than the coordinator's")]
     WrongHash { got: String, want: String },
 }
@@ -67,8 +70,8 @@ pub struct LoraBase {
 }
 
 /// Checks and decodes a base file's bytes for `spec`'s model.
-pub fn parse_base(bytes: &[u8], spec: &ModelSpec) -> Result<LoraBase, LoraError> {
-    let tensors = parse_tensors(bytes, &spec.layout()).map_err(|e| LoraError::Tensors(e, spec.kind.name()))?;
+pub fn parse_base(bytes: &[u8], spec: &ModelSpec) -> Result<LoraBase, TensorsError> {
+    let tensors = parse_tensors(bytes, &spec.layout())?;
     Ok(LoraBase { tensors, sha256: sha256_hex(bytes) })
 }
 
@@ -76,12 +79,22 @@ pub fn parse_base(bytes: &[u8], spec: &ModelSpec) -> Result<LoraBase, LoraError>
 pub fn load_base(path: &Path, spec: &ModelSpec, want_sha256: Option<&str>) -> Result<LoraBase, LoraError> {
     let shown = path.display().to_string();
     let read_err = |e: std::io::Error| LoraError::Read { path: shown.clone(), why: e.to_string() };
+    // A device or a FIFO reports no length and would be read forever: regular files only, and never
+    // more than the limit even if the file grows while it is read.
     let meta = std::fs::metadata(path).map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(LoraError::NotAFile { path: shown });
+    }
     if meta.len() > MAX_BASE_FILE {
         return Err(LoraError::TooLarge { path: shown });
     }
-    let bytes = std::fs::read(path).map_err(read_err)?;
-    let base = parse_base(&bytes, spec)?;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).map_err(read_err)?.take(MAX_BASE_FILE + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > MAX_BASE_FILE {
+        return Err(LoraError::TooLarge { path: shown });
+    }
+    let base =
+        parse_base(&bytes, spec).map_err(|why| LoraError::Tensors { why, model: spec.kind.name(), path: shown })?;
     match want_sha256 {
         Some(want) if !want.eq_ignore_ascii_case(&base.sha256) => {
             Err(LoraError::WrongHash { got: base.sha256, want: want.to_string() })
@@ -124,10 +137,7 @@ mod tests {
                 b[..4].copy_from_slice(&f32::NAN.to_le_bytes());
             }
         });
-        let err = |r: Result<LoraBase, LoraError>| match r {
-            Err(LoraError::Tensors(e, _)) => e,
-            other => panic!("expected a tensors error, got {other:?}"),
-        };
+        let err = |r: Result<LoraBase, TensorsError>| r.expect_err("refused");
         assert!(matches!(err(parse_base(&nan, &spec)), TensorsError::NonFinite { index: 0, .. }));
         let other = ModelSpec { kind: ModelKind::MlpLn, in_features: 1, outputs: 1 };
         assert!(matches!(err(parse_base(&good, &other)), TensorsError::Missing(_) | TensorsError::Shape { .. }));
@@ -148,6 +158,8 @@ mod tests {
         let wrong = "0".repeat(64);
         assert!(matches!(load_base(&path, &spec, Some(&wrong)), Err(LoraError::WrongHash { .. })));
         assert!(matches!(load_base(&dir.join("missing"), &spec, None), Err(LoraError::Read { .. })));
+        assert!(matches!(load_base(&dir, &spec, None), Err(LoraError::NotAFile { .. })));
+        assert!(matches!(load_base(Path::new("/dev/zero"), &spec, None), Err(LoraError::NotAFile { .. })));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

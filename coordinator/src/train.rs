@@ -198,12 +198,26 @@ fn pin_lora_base(config: &mut Config) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an output directory whose `params.safetensors` is the LoRA base: the run would overwrite the
+/// base it was pinned to.
+fn refuse_overwriting_base(config: &Config, out: &Path) -> Result<()> {
+    let Some(base) = config.model.lora_base.as_deref().filter(|_| config.model.lora()) else { return Ok(()) };
+    let (a, b) = (std::fs::canonicalize(base), std::fs::canonicalize(out.join("params.safetensors")));
+    if let (Ok(a), Ok(b)) = (a, b) {
+        if a == b {
+            bail!("--out {} would overwrite the LoRA base {base}; choose another --out", out.display());
+        }
+    }
+    Ok(())
+}
+
 /// The config, output directory (locked) and, when resuming, the checkpoint to continue from.
 fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<Checkpoint>)> {
     let Some(dir) = &args.resume else {
         let mut config = args.config()?;
         pin_lora_base(&mut config)?;
         let out = args.out_dir();
+        refuse_overwriting_base(&config, &out)?;
         std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
         let lock = lock_run_dir(&out)?;
         if out.join("report.json").exists() || checkpoint::exists(&out) {
@@ -238,6 +252,7 @@ fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<C
     };
     let mut config = config;
     pin_lora_base(&mut config)?;
+    refuse_overwriting_base(&config, dir)?;
     let conflicts = saved.resume_conflicts(&config);
     if !conflicts.is_empty() {
         bail!("cannot resume {} with a config that changes the run:\n  {}", dir.display(), conflicts.join("\n  "));

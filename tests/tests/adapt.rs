@@ -83,17 +83,32 @@ fn adapt_predicts_a_new_regression_task_from_a_csv_and_scores_it() {
     std::fs::write(dir.join("no-y.csv"), "x1,x2\n0.1,0.2\n").unwrap();
     std::fs::write(dir.join("three.csv"), "x1,x2,x3,y\n0.1,0.2,0.3,1\n").unwrap();
     std::fs::write(dir.join("nan.csv"), "x1,x2,y\n0.1,NaN,1\n").unwrap();
+    std::fs::write(dir.join("twice.csv"), "x1,y,y\n0.1,0.2,1\n").unwrap();
+    std::fs::write(dir.join("huge.csv"), "x1,x2,y\n0.1,1e39,1\n").unwrap();
+    std::fs::write(dir.join("commas.csv"), format!("x1,x2,y\n{}\n", ",".repeat(1 << 20))).unwrap();
     let p = params.to_str().unwrap();
     for (support, query, expect) in [
         ("no-y.csv", "query.csv", "no column named y"),
         ("three.csv", "query.csv", "the model takes 2"),
         ("nan.csv", "query.csv", "not a finite number"),
+        ("twice.csv", "query.csv", "names column \"y\" twice"),
+        ("huge.csv", "query.csv", "is beyond"),
+        ("commas.csv", "query.csv", "more fields, the header has 3"),
         ("support.csv", "missing.csv", "cannot read"),
     ] {
         let o = adapt(&["--params", p, "--support", support, "--query", query], &dir);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(expect) && !err.contains("panicked"), "{support}/{query}: {err}");
     }
+    // --out naming an input is refused, and the input survives.
+    let before = std::fs::read(dir.join("support.csv")).unwrap();
+    let o = adapt(&["--params", p, "--support", "support.csv", "--query", "query.csv", "--out", "support.csv"], &dir);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("is one of the inputs"));
+    assert_eq!(std::fs::read(dir.join("support.csv")).unwrap(), before);
+    // A spreadsheet's byte-order mark is not part of the first column's name.
+    std::fs::write(dir.join("bom.csv"), [b"\xef\xbb\xbf".as_slice(), &before].concat()).unwrap();
+    let o = adapt(&["--params", p, "--support", "bom.csv", "--query", "query.csv", "--out", "bom-pred.csv"], &dir);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = adapt(&["--params", "support.csv", "--support", "support.csv", "--query", "query.csv"], &dir);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("not a safetensors file"), "{err}");

@@ -83,6 +83,15 @@ fn lora_meta_learns_only_the_adapters_and_only_they_travel() {
     assert!(o.status.success(), "{stdout}{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout.contains("query MSE on 10 labelled rows"), "{stdout}");
 
+    // An output directory whose params.safetensors is the base: refused, and the base survives.
+    std::fs::create_dir_all(dir.join("lb")).unwrap();
+    std::fs::copy(&base_file, dir.join("lb/params.safetensors")).unwrap();
+    let own = format!("model.lora_base={}", dir.join("lb/params.safetensors").display());
+    let o = sinusoid(&dir.join("lb"), 3, &["model.lora_rank=2".into(), own]).output().expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("would overwrite the LoRA base"), "{err}");
+    assert_eq!(std::fs::read(dir.join("lb/params.safetensors")).unwrap(), std::fs::read(&base_file).unwrap());
+
     // Pinned to another file's hash: refused before anything runs.
     let wrong = format!("model.lora_base_sha256={}", "0".repeat(64));
     let o = lora("wrong", &[&wrong]).output().expect("run");

@@ -66,8 +66,25 @@ const MAX_PARAMS_FILE: u64 = 8 << 30;
 /// Largest CSV read, and most rows in it.
 const MAX_CSV_BYTES: u64 = 256 << 20;
 const MAX_CSV_ROWS: usize = 1_000_000;
+/// Most columns a CSV may have.
+const MAX_CSV_COLUMNS: usize = 10_000;
+/// Largest magnitude accepted in a CSV: squares and sums of it stay finite in f32 (whose range ends
+/// near 3.4e38).
+const MAX_CSV_VALUE: f64 = 1e15;
+/// Longest piece of the user's input repeated in an error message.
+const SHOWN_CHARS: usize = 60;
+
+/// `s` for an error message: at most [`SHOWN_CHARS`] characters, quoted.
+fn shorten(s: &str) -> String {
+    let mut out: String = s.chars().take(SHOWN_CHARS).collect();
+    if s.chars().nth(SHOWN_CHARS).is_some() {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
 /// Most query images predicted in one call (they are one batch).
-const MAX_QUERY_IMAGES: usize = 100_000;
+const MAX_QUERY_IMAGES: usize = 10_000;
 /// Most adaptation steps (the config's bound on inner steps).
 const MAX_STEPS: usize = 1000;
 
@@ -79,6 +96,15 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     if steps > MAX_STEPS {
         bail!("--steps must be at most {MAX_STEPS}, got {steps}");
     }
+    let per_step = config.algo.per_step_lrs || config.algo.per_step_bn;
+    if per_step && steps > config.algo.inner_steps {
+        bail!(
+            "--steps must be at most {}: this initialisation's per-step rates or batch norm were learned for {} steps",
+            config.algo.inner_steps,
+            config.algo.inner_steps
+        );
+    }
+    refuse_overwrite(&args)?;
     if args.lr.is_some() && (algo.learns_inner_lr() || config.algo.per_step_lrs) {
         bail!("--lr does not apply: this initialisation adapts at its learned inner rates");
     }
@@ -141,6 +167,18 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     let csv = examples.predictions_csv(&before, &after, &mut std::io::stdout())?;
     std::fs::write(&args.out, csv).with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// Refuses an `--out` that is one of the inputs (it would be destroyed before anyone notices).
+fn refuse_overwrite(args: &AdaptArgs) -> Result<()> {
+    let out = std::fs::canonicalize(&args.out).ok();
+    let inputs = [Some(&args.params), Some(&args.support), Some(&args.query), args.config.as_ref()];
+    for input in inputs.into_iter().flatten() {
+        if out.is_some() && std::fs::canonicalize(input).ok() == out {
+            bail!("--out {} is one of the inputs; write the predictions elsewhere", args.out.display());
+        }
+    }
     Ok(())
 }
 
@@ -322,8 +360,15 @@ impl Examples {
             for (((file, label), p), c) in self.images.iter().zip(&pred).zip(&conf) {
                 let name = &self.classes[*p as usize];
                 match label {
-                    Some(l) => writeln!(csv, "{},{name},{c:.4},{},{}", quote(file), self.classes[*l], *l as i64 == *p)?,
-                    None => writeln!(csv, "{},{name},{c:.4},,", quote(file))?,
+                    Some(l) => writeln!(
+                        csv,
+                        "{},{},{c:.4},{},{}",
+                        quote(file),
+                        quote(name),
+                        quote(&self.classes[*l]),
+                        *l as i64 == *p
+                    )?,
+                    None => writeln!(csv, "{},{},{c:.4},,", quote(file), quote(name))?,
                 }
             }
             if labelled.is_empty() {
@@ -406,31 +451,52 @@ fn read_csv(path: &Path, inputs: usize, need_y: bool) -> Result<Csv> {
     let text = metatrain_common::net::files::read_text(path, MAX_CSV_BYTES)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("cannot read {}", path.display()))?;
+    // A byte-order mark (spreadsheets write one) is not part of the first column's name.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let (_, header) = lines.next().with_context(|| format!("{} is empty: it needs a header row", path.display()))?;
-    let cols: Vec<String> = header.split(',').map(|c| c.trim().to_string()).collect();
+    let cols: Vec<String> = header.split(',').take(MAX_CSV_COLUMNS + 1).map(|c| c.trim().to_string()).collect();
+    if cols.len() > MAX_CSV_COLUMNS {
+        bail!("{}: more than {MAX_CSV_COLUMNS} columns in the header", path.display());
+    }
+    if let Some(dup) = cols.iter().enumerate().find_map(|(i, c)| cols[..i].contains(c).then_some(c)) {
+        bail!("{}: the header names column {} twice", path.display(), shorten(dup));
+    }
     let y_col = cols.iter().position(|c| c == "y");
     if need_y && y_col.is_none() {
-        bail!("{}: the header {header:?} has no column named y (the target)", path.display());
+        bail!("{}: the header {} has no column named y (the target)", path.display(), shorten(header));
     }
     let names: Vec<String> =
         cols.iter().enumerate().filter(|(i, _)| Some(*i) != y_col).map(|(_, c)| c.clone()).collect();
     if names.len() != inputs {
-        bail!("{}: {} input columns ({}), the model takes {inputs}", path.display(), names.len(), names.join(", "));
+        bail!(
+            "{}: {} input columns ({}), the model takes {inputs}",
+            path.display(),
+            names.len(),
+            shorten(&names.join(", "))
+        );
     }
     let mut rows = Vec::new();
     for (i, line) in lines {
         if rows.len() == MAX_CSV_ROWS {
             bail!("{}: more than {MAX_CSV_ROWS} rows", path.display());
         }
-        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        // At most one field more than the header: a line of a million commas is refused, not split.
+        let cells: Vec<&str> = line.split(',').take(cols.len() + 1).map(str::trim).collect();
         if cells.len() != cols.len() {
-            bail!("{} line {}: {} fields, the header has {}", path.display(), i + 1, cells.len(), cols.len());
+            let got = if cells.len() > cols.len() { "more".to_string() } else { cells.len().to_string() };
+            bail!("{} line {}: {got} fields, the header has {}", path.display(), i + 1, cols.len());
         }
+        // The model computes in f32: a value beyond its range would only surface as a divergence.
         let num = |c: &str, col: &str| -> Result<f64> {
             match c.parse::<f64>() {
-                Ok(v) if v.is_finite() => Ok(v),
-                _ => bail!("{} line {}: {col} = {c:?} is not a finite number", path.display(), i + 1),
+                Ok(v) if v.is_finite() && v.abs() <= MAX_CSV_VALUE => Ok(v),
+                Ok(v) if v.is_finite() => {
+                    bail!("{} line {}: {} = {v:e} is beyond ±{MAX_CSV_VALUE:e}", path.display(), i + 1, shorten(col))
+                }
+                _ => {
+                    bail!("{} line {}: {} = {} is not a finite number", path.display(), i + 1, shorten(col), shorten(c))
+                }
             }
         };
         let mut x = Vec::with_capacity(inputs);

@@ -192,8 +192,11 @@ impl ModelConfig {
             return Err(invalid("model.lora_rank", format!("must be at most {MAX_LORA_RANK}, got {}", self.lora_rank)));
         }
         if !self.lora() {
-            if self.lora_base.is_some() || self.lora_alpha.is_some() {
-                return Err(invalid("model.lora_rank", "model.lora_base/lora_alpha are set but lora_rank is 0"));
+            if self.lora_base.is_some() || self.lora_alpha.is_some() || self.lora_base_sha256.is_some() {
+                return Err(invalid(
+                    "model.lora_rank",
+                    "model.lora_base/lora_alpha/lora_base_sha256 are set but lora_rank is 0",
+                ));
             }
             return Ok(());
         }
@@ -525,6 +528,12 @@ impl Config {
         }
         if a.inner_grad_clamp.is_nan() || a.inner_grad_clamp <= 0.0 {
             return Err(invalid("algo.inner_grad_clamp", format!("must be > 0 (or inf), got {}", a.inner_grad_clamp)));
+        }
+        if a.name == AlgoKind::Reptile && a.inner_steps == 0 {
+            return Err(invalid(
+                "algo.inner_steps",
+                "reptile moves towards adapted weights: needs at least 1 inner step",
+            ));
         }
         if a.name.learns_inner_lr() && a.inner_steps == 0 {
             return Err(invalid(

@@ -112,7 +112,7 @@ pub async fn run(args: SweepArgs) -> Result<()> {
     for (r, c) in runs.iter().zip(&configs) {
         let dir = out.join(&r.name);
         if let Some(done) = report(&dir).filter(|_| finished(&dir)) {
-            let differs = changed_keys(&stored_config(&done["config"]), &config_json(c));
+            let differs = changed_keys(&stored_config(&done["config"], c), &config_json(c));
             if !differs.is_empty() {
                 bail!(
                     "{} holds a finished run made with another config ({}); move it away or use another --out",
@@ -253,9 +253,16 @@ fn report(dir: &Path) -> Option<serde_json::Value> {
 /// A finished run's config (report.json's `config`) read back through [`Config`]: keys added to the
 /// config since that run, with their defaults, then do not count as changes. As stored if it no
 /// longer parses.
-fn stored_config(json: &serde_json::Value) -> serde_json::Value {
+fn stored_config(json: &serde_json::Value, planned: &metatrain_common::config::Config) -> serde_json::Value {
     serde_json::from_value::<metatrain_common::config::Config>(json.clone())
-        .map(|old| config_json(&old))
+        .map(|mut old| {
+            // The coordinator pins a LoRA base's hash itself; a sweep file that leaves it to it is the
+            // same run (and one with another base file is refused by --resume's hash check).
+            if planned.model.lora_base_sha256.is_none() {
+                old.model.lora_base_sha256 = None;
+            }
+            config_json(&old)
+        })
         .unwrap_or_else(|_| json.clone())
 }
 
@@ -295,8 +302,15 @@ mod stored_config_tests {
         old["algo"].as_object_mut().unwrap().remove("multi_step_loss");
         old["train"].as_object_mut().unwrap().remove("lr_schedule");
         assert_eq!(changed_keys(&old, &config_json(&now)).len(), 2, "raw JSON sees the new keys");
-        assert!(changed_keys(&stored_config(&old), &config_json(&now)).is_empty());
+        assert!(changed_keys(&stored_config(&old, &now), &config_json(&now)).is_empty());
         old["train"]["meta_lr"] = serde_json::json!(0.5);
-        assert_eq!(changed_keys(&stored_config(&old), &config_json(&now)), ["train.meta_lr"]);
+        assert_eq!(changed_keys(&stored_config(&old, &now), &config_json(&now)), ["train.meta_lr"]);
+        // A LoRA base's hash, pinned by the coordinator, is not a change the sweep file made.
+        let mut lora = now.clone();
+        lora.model.lora_rank = 2;
+        lora.model.lora_base = Some("base.safetensors".into());
+        let mut done = config_json(&lora);
+        done["model"]["lora_base_sha256"] = serde_json::json!("ab".repeat(32));
+        assert!(changed_keys(&stored_config(&done, &lora), &config_json(&lora)).is_empty());
     }
 }
