@@ -21,7 +21,8 @@ export LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1
 PATH="$(dirname "$(command -v "$py")"):$PATH"
 export PATH
 cargo build --release -p metatrain-worker --features metatrain-worker/cuda >&2
-worker="$here/target/release/metatrain-worker"
+# Not scripts/env.sh: its LIBTORCH (the CPU install) would take precedence over LIBTORCH_USE_PYTORCH.
+worker="${CARGO_TARGET_DIR:-$here/target}/release/metatrain-worker"
 
 # Mean and max GPU utilisation (%) while "$@" runs.
 with_utilisation() {

@@ -25,7 +25,7 @@ for s in "${sections[@]}"; do
 done
 
 scripts/setup.sh >&2
-export PATH="$here/target/release:$PATH"
+export PATH="$METATRAIN_BIN:$PATH"
 nproc_=$(nproc)
 echo "machine: $nproc_ cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (uncommitted changes)')"

@@ -8,11 +8,13 @@
 # OUT defaults to runs/dirty-tasks. Re-running skips finished runs and resumes interrupted ones.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/env.sh disable=SC1091
+source "$here/scripts/env.sh"
 out="${1:-$here/runs/dirty-tasks}"
 shift $(( $# > 0 ? 1 : 0 ))
 "$here/scripts/setup.sh"
 for dist in noisy-linear omniglot; do
-  "$here/target/release/metatrain" sweep --config "$here/configs/sweep-dirty-$dist.toml" --out "$out/$dist" "$@"
+  "$METATRAIN_BIN/metatrain" sweep --config "$here/configs/sweep-dirty-$dist.toml" --out "$out/$dist" "$@"
 done
 {
   echo "# Dirty-task experiment: held-out results"

@@ -37,7 +37,7 @@ def data_zip():
 
 
 def metatrain():
-    beside = os.path.join(ROOT, "target/release/metatrain")
+    beside = os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "release/metatrain")
     return beside if os.path.isfile(beside) else shutil.which("metatrain") or sys.exit("error: build first (scripts/setup.sh)")
 
 

@@ -15,6 +15,7 @@ Two uses:
 Needs a full `pip install torch==2.11.0 safetensors numpy` (not the libtorch-only install the build uses).
 """
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -136,7 +137,8 @@ def main():
     g.add_argument("--data", required=True)
     g.add_argument("--out", required=True)
     c = sub.add_parser("check")
-    c.add_argument("--worker", default=str(Path(__file__).resolve().parent.parent / "target/release/metatrain-worker"))
+    target = os.environ.get("CARGO_TARGET_DIR") or str(Path(__file__).resolve().parent.parent / "target")
+    c.add_argument("--worker", default=str(Path(target) / "release/metatrain-worker"))
     a = ap.parse_args()
     if a.cmd == "grad":
         grad_command(a)

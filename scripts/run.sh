@@ -4,11 +4,13 @@
 # --config configs/omniglot-5w1s.toml).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/env.sh disable=SC1091
+source "$here/scripts/env.sh"
 "$here/scripts/setup.sh"
 has_config=0
 for a in "$@"; do case "$a" in --config|-c|--config=*) has_config=1 ;; esac; done
 if [ "$has_config" = 1 ]; then
-  exec "$here/target/release/metatrain" train "$@"
+  exec "$METATRAIN_BIN/metatrain" train "$@"
 else
-  exec "$here/target/release/metatrain" train --config "$here/configs/sinusoid.toml" "$@"
+  exec "$METATRAIN_BIN/metatrain" train --config "$here/configs/sinusoid.toml" "$@"
 fi

@@ -57,6 +57,7 @@ struct AdaptArgs {
 fn adapt(args: AdaptArgs) -> anyhow::Result<()> {
     let worker = metatrain_coordinator::local::find_worker_binary(None)?;
     let status = std::process::Command::new(&worker)
+        .env("METATRAIN_INVOKED_AS", "metatrain")
         .arg("adapt")
         .args(&args.args)
         .status()

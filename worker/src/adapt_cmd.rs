@@ -59,6 +59,10 @@ pub struct AdaptArgs {
     /// The model sees foreground as 1.0, as it did in training.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub invert: bool,
+    /// LoRA initialisations: the base model file, if not at the path the run used (it must be the same
+    /// file: its SHA-256 is checked against the run's).
+    #[arg(long)]
+    pub lora_base: Option<PathBuf>,
 }
 
 /// Largest params file read (a 1B-parameter model in f32 is 4 GB).
@@ -132,10 +136,12 @@ pub fn run(args: AdaptArgs) -> Result<()> {
     let spec = ModelSpec { outputs: examples.outputs(spec.outputs), ..spec };
     // LoRA: the parameters are adapters of the frozen base the run was pinned to.
     let base = match (&config.model.lora_base, &config.model.lora_base_sha256) {
-        (Some(path), sha) if config.model.lora() => Some(
-            metatrain_common::lora::load_base(Path::new(path), &spec, sha.as_deref())
-                .context("adapting a LoRA initialisation needs its base model file, at the path the run used")?,
-        ),
+        (Some(path), sha) if config.model.lora() => {
+            let path = args.lora_base.clone().unwrap_or_else(|| PathBuf::from(path));
+            Some(metatrain_common::lora::load_base(&path, &spec, sha.as_deref()).context(
+                "adapting a LoRA initialisation needs its base model file (at the path the run used, or --lora-base)",
+            )?)
+        }
         _ => None,
     };
     let net = crate::compute::net_for(&config, &spec, base.as_ref(), tch::Device::Cpu);
@@ -173,7 +179,8 @@ pub fn run(args: AdaptArgs) -> Result<()> {
 /// Refuses an `--out` that is one of the inputs (it would be destroyed before anyone notices).
 fn refuse_overwrite(args: &AdaptArgs) -> Result<()> {
     let out = std::fs::canonicalize(&args.out).ok();
-    let inputs = [Some(&args.params), Some(&args.support), Some(&args.query), args.config.as_ref()];
+    let inputs =
+        [Some(&args.params), Some(&args.support), Some(&args.query), args.config.as_ref(), args.lora_base.as_ref()];
     for input in inputs.into_iter().flatten() {
         if out.is_some() && std::fs::canonicalize(input).ok() == out {
             bail!("--out {} is one of the inputs; write the predictions elsewhere", args.out.display());

@@ -131,6 +131,9 @@ pub(crate) fn parse_device(s: &str) -> Result<Device, String> {
 /// Default `--batch`: the sinusoid MLP reaches 8× the per-task loop's tasks/s at 32 tasks on one core
 /// (`metatrain-worker bench`), and a meta-batch of 25–32 then fits in one batch per worker.
 const DEFAULT_BATCH: usize = 32;
+/// Set by `metatrain adapt` to the program name help and usage messages should show.
+const INVOKED_AS_ENV: &str = "METATRAIN_INVOKED_AS";
+
 /// Most libtorch intra-op threads `--threads` accepts (worker and bench).
 const MAX_THREADS: usize = 1024;
 
@@ -159,7 +162,13 @@ fn run_cli() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
+    // `metatrain adapt` runs this binary: then help and usage name the command the user typed.
+    let mut command = <Cli as clap::CommandFactory>::command();
+    if let Ok(name) = std::env::var(INVOKED_AS_ENV) {
+        command = command.bin_name(name);
+    }
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    match cli.command {
         Command::Grad(args) => {
             tch::set_num_threads(1);
             grad_cmd::run(args)
