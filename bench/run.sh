@@ -19,9 +19,9 @@ tasks="${BENCH_TASKS:-32}"
 out="$here/target/bench"
 mkdir -p "$out"
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(worker scaling coordinator)
+[ ${#sections[@]} -eq 0 ] && sections=(worker scaling coordinator wire)
 for s in "${sections[@]}"; do
-  case "$s" in worker | scaling | coordinator) ;; *) echo "error: unknown section $s (worker, scaling, coordinator)" >&2; exit 2 ;; esac
+  case "$s" in worker | scaling | coordinator | wire) ;; *) echo "error: unknown section $s (worker, scaling, coordinator, wire)" >&2; exit 2 ;; esac
 done
 
 scripts/setup.sh >&2
@@ -99,6 +99,12 @@ run_coordinator() {
   echo
   echo "== coordinator alone, simulated workers"
   metatrain bench coordinator
+}
+
+run_wire() {
+  echo
+  echo "== QUIC flow-control windows against round-trip time (delaying UDP proxy on loopback)"
+  metatrain bench wire --rtt-ms 1,10,50,100 --windows-mib 1,4,16,64 --mib 128
 }
 
 BENCH_SECONDS_SCALING_STEPS="${BENCH_SCALING_STEPS:-2000}"

@@ -13,7 +13,7 @@ mod tls;
 pub use framed::{read_frame, read_result_frame, write_frame, DecodedFrame, NetError};
 pub use metrics_http::{install_prometheus, install_prometheus_labelled, serve_metrics, HISTOGRAM_SECONDS_BUCKETS};
 pub use tls::{
-    allow_result_streams, client_endpoint, install_crypto_provider, load_or_init_coordinator, peer_name, server_config,
-    server_endpoint, server_name, set_recv_buffer, sha256_fingerprint, CoordinatorTls, Identity, ServerTrust, ALPN,
-    MAX_UNI_STREAMS, UDP_RECV_BUFFER,
+    allow_result_streams, client_config, client_endpoint, install_crypto_provider, load_or_init_coordinator, peer_name,
+    server_config, server_endpoint, server_name, set_recv_buffer, sha256_fingerprint, transport_with_windows,
+    CoordinatorTls, Identity, ServerTrust, ALPN, MAX_UNI_STREAMS, UDP_RECV_BUFFER,
 };

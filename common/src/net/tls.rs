@@ -118,10 +118,16 @@ fn pem_cert(path: &Path) -> Result<CertificateDer<'static>, String> {
 /// `uni_streams`: how many streams the peer may open at first (the coordinator allows none until a
 /// worker's Hello is accepted).
 fn transport(uni_streams: u32) -> Arc<TransportConfig> {
+    transport_with_windows(STREAM_WINDOW, CONNECTION_WINDOW, uni_streams)
+}
+
+/// [`transport`] with other flow-control windows (bytes), for `metatrain bench wire`, which measures
+/// what they do.
+pub fn transport_with_windows(stream: u32, connection: u32, uni_streams: u32) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
-    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
-    t.send_window(CONNECTION_WINDOW as u64);
+    t.stream_receive_window(VarInt::from_u32(stream));
+    t.receive_window(VarInt::from_u32(connection));
+    t.send_window(connection as u64);
     t.max_concurrent_uni_streams(VarInt::from_u32(uni_streams));
     t.max_concurrent_bidi_streams(VarInt::from_u32(1));
     t.keep_alive_interval(Some(KEEP_ALIVE));
@@ -200,6 +206,15 @@ pub enum ServerTrust {
 
 /// A QUIC client endpoint that trusts the coordinator as `trust` says and presents `identity`.
 pub fn client_endpoint(trust: &ServerTrust, identity: Option<&Identity>) -> Result<Endpoint, String> {
+    let cfg = client_config(trust, identity)?;
+    // Workers receive whole parameter versions: the same receive buffer as the coordinator.
+    let mut endpoint = endpoint_on(SocketAddr::from(([0, 0, 0, 0], 0)), None).map_err(|e| e.to_string())?;
+    endpoint.set_default_client_config(cfg);
+    Ok(endpoint)
+}
+
+/// The client configuration of [`client_endpoint`] (TLS, ALPN, transport).
+pub fn client_config(trust: &ServerTrust, identity: Option<&Identity>) -> Result<quinn::ClientConfig, String> {
     let builder = match trust {
         ServerTrust::Fingerprint(fp) => {
             let pinned = hex::decode(fp.trim().replace(':', ""))
@@ -231,10 +246,7 @@ pub fn client_endpoint(trust: &ServerTrust, identity: Option<&Identity>) -> Resu
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     // The coordinator opens no streams to a worker besides answering on the control stream.
     cfg.transport_config(transport(0));
-    // Workers receive whole parameter versions: the same receive buffer as the coordinator.
-    let mut endpoint = endpoint_on(SocketAddr::from(([0, 0, 0, 0], 0)), None).map_err(|e| e.to_string())?;
-    endpoint.set_default_client_config(cfg);
-    Ok(endpoint)
+    Ok(cfg)
 }
 
 /// Lets a welcomed worker open its result streams.

@@ -14,6 +14,7 @@
 //! - [`socket`]: the coordinator's UDP socket, counted (the wire figures are real datagram bytes).
 //! - [`measure`]: the in-memory f32-sum baseline and per-runtime CPU time.
 //! - [`table`]: the printed table and the `--json` lines.
+//! - [`wire`]: `metatrain bench wire`, flow-control windows against round-trip time.
 //!
 //! The simulated workers share the machine's cores with the coordinator (the coordinator decrypts what
 //! they encrypt and vice versa), so the table also shows how many cores each side kept busy.
@@ -24,6 +25,7 @@ pub mod plan;
 pub mod sim;
 pub mod socket;
 pub mod table;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -76,6 +78,9 @@ pub enum BenchCommand {
     /// libtorch) over loopback; meta-steps/s, results/s, aggregation and wire bytes, against baselines.
     #[command(long_about = COORDINATOR_HELP)]
     Coordinator(CoordinatorArgs),
+    /// QUIC flow-control windows against round-trip time: one large transfer through a delaying UDP
+    /// proxy on loopback, MB/s per window against the largest window and against window / RTT.
+    Wire(wire::WireArgs),
 }
 
 /// `metatrain bench coordinator --help`.
@@ -139,6 +144,7 @@ pub struct CoordinatorArgs {
 pub fn run(command: BenchCommand) -> Result<(), BenchError> {
     match command {
         BenchCommand::Coordinator(args) => coordinator(&args),
+        BenchCommand::Wire(args) => wire::run(&args),
     }
 }
 
