@@ -284,9 +284,10 @@ impl Examples {
         let classes = folder.classes().to_vec();
         if classes.len() < 2 || classes.len() > n_way {
             bail!(
-                "the support set {} has {} classes; this model was meta-trained for {n_way}-way tasks and takes 2 to {n_way}",
+                "the support set {} has {} class{}; this model was meta-trained for {n_way}-way tasks and takes 2 to {n_way}",
                 support.display(),
-                classes.len()
+                classes.len(),
+                if classes.len() == 1 { "" } else { "es" }
             );
         }
         let mut support_x = Vec::new();
