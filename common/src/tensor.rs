@@ -161,7 +161,7 @@ impl Decoder {
     /// A decoder for a payload of `payload_len` bytes that must hold `expected` values of `dtype`.
     pub fn new(dtype: Dtype, expected: usize, payload_len: u64) -> Result<Decoder, TensorError> {
         let size = dtype.size() as u64;
-        if payload_len % size != 0 {
+        if !payload_len.is_multiple_of(size) {
             return Err(TensorError::Ragged { bytes: payload_len as usize, dtype });
         }
         let got = payload_len / size;

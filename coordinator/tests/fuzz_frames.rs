@@ -43,7 +43,7 @@ fn seeds() -> Vec<Vec<u8>> {
             encode_f32(grad),
         )
     };
-    let msgs = vec![
+    let msgs = [
         (
             Message::Hello(Hello {
                 protocol_version: PROTOCOL_VERSION,

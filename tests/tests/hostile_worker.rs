@@ -78,7 +78,7 @@ async fn faulty_worker(addr: SocketAddr, fingerprint: &str, identity: &Identity)
                     }
                     // Alternate: NaN in the gradient, then a gradient one element short.
                     let mut grad = vec![0.01f32; numel];
-                    if sent % 2 == 0 {
+                    if sent.is_multiple_of(2) {
                         grad[numel / 2] = f32::NAN;
                     } else {
                         grad.pop();

@@ -60,7 +60,7 @@ impl TaskBatch {
         let first = tasks.first().ok_or(BatchError::Empty)?;
         let stack_x = |what: &'static str, get: &dyn Fn(&TaskTensors) -> &Tensor| {
             same_shapes(tasks, what, |t| get(t).size())?;
-            Ok(Tensor::stack(&tasks.iter().map(|t| get(t)).collect::<Vec<_>>(), 0))
+            Ok(Tensor::stack(&tasks.iter().map(get).collect::<Vec<_>>(), 0))
         };
         let stack_y = |what: &'static str, get: &dyn Fn(&TaskTensors) -> &TargetTensor| {
             let parts: Vec<&Tensor> = tasks
@@ -271,7 +271,7 @@ fn stacked_leaves(params: &[Tensor], tasks: i64) -> Vec<Tensor> {
         .iter()
         .map(|p| {
             let mut repeats = vec![tasks];
-            repeats.extend(std::iter::repeat(1).take(p.dim()));
+            repeats.extend(std::iter::repeat_n(1, p.dim()));
             p.detach().unsqueeze(0).repeat(repeats.as_slice()).set_requires_grad(true)
         })
         .collect()

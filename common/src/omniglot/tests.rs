@@ -148,7 +148,7 @@ fn image_panics_out_of_range() {
 /// A version 1.0 .npy file with the given header dict and data (header padded like NumPy's).
 fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
     let mut header = dict.to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
@@ -183,7 +183,7 @@ fn synthetic_images(n: usize) -> Vec<u8> {
 }
 
 fn labels_bytes(n: usize) -> Vec<u8> {
-    (0..n).flat_map(|c| std::iter::repeat(c as i64).take(DRAWERS)).flat_map(i64::to_le_bytes).collect()
+    (0..n).flat_map(|c| std::iter::repeat_n(c as i64, DRAWERS)).flat_map(i64::to_le_bytes).collect()
 }
 
 fn labels_npy(n: usize) -> Vec<u8> {
