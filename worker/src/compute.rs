@@ -100,20 +100,24 @@ pub fn spawn_pool(
             let (ctx, jobs, out, stop) = (ctx.clone(), jobs.clone(), out.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("compute-{i}"))
-                .spawn(move || loop {
+                .spawn(move || {
                     // OpenMP's thread count is per calling thread: set it here, not only in main, or each
                     // compute thread runs a full-width team (3× slower for small models on 2 cores).
                     if tch::get_num_threads() != intra_op_threads as i32 {
                         tch::set_num_threads(intra_op_threads as i32);
                     }
-                    let Some(taken) = take_jobs(&jobs, ctx.batch) else { return };
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
                     let device = ctx.devices[i % ctx.devices.len().max(1)];
-                    for outcome in run_jobs(&ctx, device, taken, &stop) {
-                        if out.send(outcome).is_err() {
+                    // Once per thread: a LoRA base is copied to the device here, not for every batch.
+                    let net = net_for(&ctx.config, &ctx.spec, ctx.lora_base.as_ref(), device);
+                    loop {
+                        let Some(taken) = take_jobs(&jobs, ctx.batch) else { return };
+                        if stop.load(Ordering::SeqCst) {
                             return;
+                        }
+                        for outcome in run_jobs(&ctx, device, net.as_ref(), taken, &stop) {
+                            if out.send(outcome).is_err() {
+                                return;
+                            }
                         }
                     }
                 })
@@ -138,7 +142,7 @@ fn take_jobs(jobs: &Mutex<Receiver<Vec<Job>>>, batch: usize) -> Option<Vec<Job>>
 }
 
 /// Computes `jobs` in batches of at most `ctx.batch` tasks that share a mode and a parameter version.
-fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>, stop: &AtomicBool) -> Vec<Outcome> {
+fn run_jobs(ctx: &ComputeContext, device: Device, net: &dyn Net, jobs: Vec<Job>, stop: &AtomicBool) -> Vec<Outcome> {
     let mut groups: Vec<Vec<Job>> = Vec::new();
     for job in jobs {
         let key = (job.assignment.mode, job.assignment.version);
@@ -155,7 +159,7 @@ fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>, stop: &AtomicB
             if stop.load(Ordering::SeqCst) {
                 return outcomes;
             }
-            outcomes.extend(run_batch(ctx, device, chunk, stop));
+            outcomes.extend(run_batch(ctx, device, net, chunk, stop));
         }
     }
     outcomes
@@ -164,7 +168,7 @@ fn run_jobs(ctx: &ComputeContext, device: Device, jobs: Vec<Job>, stop: &AtomicB
 /// Computes tasks that share a mode and a parameter version as one batch: meta-gradients for training,
 /// first-order adaptation for evaluation. A task whose data cannot be made fails alone; the others are
 /// computed.
-fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>, stop: &AtomicBool) -> Vec<Outcome> {
+fn run_batch(ctx: &ComputeContext, device: Device, net: &dyn Net, jobs: Vec<Job>, stop: &AtomicBool) -> Vec<Outcome> {
     let started = Instant::now();
     let mut outcomes = Vec::new();
     let mut ready: Vec<(Job, f64, TaskTensors)> = Vec::new();
@@ -182,8 +186,6 @@ fn run_batch(ctx: &ComputeContext, device: Device, jobs: Vec<Job>, stop: &Atomic
         params_from_flat(&ctx.layout, &first.params, Kind::Float).into_iter().map(|t| t.to_device(device)).collect();
     let (jobs, rest): (Vec<(Job, f64)>, Vec<TaskTensors>) = ready.into_iter().map(|(j, d, t)| ((j, d), t)).unzip();
     let algo = &ctx.config.algo;
-    let net = net_for(&ctx.config, &ctx.spec, ctx.lora_base.as_ref(), device);
-    let net = net.as_ref();
     let mode = jobs[0].0.assignment.mode;
     let inner = match mode {
         Mode::Train => InnerLoop { steps: algo.inner_steps, lr: algo.inner_lr, clamp: algo.inner_grad_clamp },

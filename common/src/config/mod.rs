@@ -9,6 +9,7 @@ use thiserror::Error;
 
 mod curriculum;
 mod images;
+mod model;
 mod omniglot;
 mod schedule;
 pub use curriculum::{
@@ -16,6 +17,7 @@ pub use curriculum::{
     MAX_DEFENCE_WINDOW,
 };
 pub use images::{ImagesTaskConfig, DEFAULT_EVAL_FRACTION, MAX_EPISODE_IMAGES, MAX_IMAGES_N_WAY};
+pub use model::{ModelConfig, ModelKind, MAX_LORA_RANK};
 pub use omniglot::{OmniglotSplit, OmniglotTaskConfig, OMNIGLOT_BACKGROUND_CHARACTERS};
 
 #[derive(Debug, Error, PartialEq)]
@@ -124,97 +126,6 @@ pub(crate) fn default_k_shot() -> usize {
 }
 pub(crate) fn default_q_query() -> usize {
     15
-}
-
-/// Functional models with explicit, named parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ModelKind {
-    /// MAML's regression net: in → 40 → 40 → 1 with ReLU.
-    Mlp,
-    /// in → 64 → LayerNorm → ReLU → 64 → LayerNorm → ReLU → 1.
-    MlpLn,
-    /// MAML's Omniglot net: four 3×3 conv (64) + batch norm + ReLU blocks, stride 2, then a linear head.
-    /// Takes 1-channel 28×28 images (`omniglot` and `images` tasks).
-    Conv4,
-}
-
-impl ModelKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelKind::Mlp => "mlp",
-            ModelKind::MlpLn => "mlp-ln",
-            ModelKind::Conv4 => "conv4",
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ModelConfig {
-    /// `mlp`, `mlp-ln` or `conv4`. Default `mlp`.
-    pub name: ModelKind,
-    /// LoRA meta-learning: the rank r of low-rank adapters on every linear and conv weight of a frozen
-    /// base model (`lora_base`); only the adapters are meta-learned and travel. 0 (default): off.
-    pub lora_rank: usize,
-    /// LoRA scale numerator: an adapted weight is W + (alpha / r)·B·A. Default: r (scale 1).
-    pub lora_alpha: Option<f64>,
-    /// The frozen base model (safetensors, the model's tensors under their names, f32), e.g. a run's
-    /// `params.safetensors`. A relative path is taken from the directory the process starts in.
-    pub lora_base: Option<String>,
-    /// SHA-256 (hex) of the `lora_base` file. Set by the coordinator when absent; every worker checks
-    /// its own copy against it, so no worker computes with another base.
-    pub lora_base_sha256: Option<String>,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        ModelConfig { name: ModelKind::Mlp, lora_rank: 0, lora_alpha: None, lora_base: None, lora_base_sha256: None }
-    }
-}
-
-/// Largest `model.lora_rank`.
-pub const MAX_LORA_RANK: usize = 1024;
-
-impl ModelConfig {
-    /// Whether the run meta-learns LoRA adapters of a frozen base.
-    pub fn lora(&self) -> bool {
-        self.lora_rank > 0
-    }
-
-    /// The adapters' scale alpha / r.
-    pub fn lora_scale(&self) -> f64 {
-        self.lora_alpha.unwrap_or(self.lora_rank as f64) / self.lora_rank.max(1) as f64
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        if self.lora_rank > MAX_LORA_RANK {
-            return Err(invalid("model.lora_rank", format!("must be at most {MAX_LORA_RANK}, got {}", self.lora_rank)));
-        }
-        if !self.lora() {
-            if self.lora_base.is_some() || self.lora_alpha.is_some() || self.lora_base_sha256.is_some() {
-                return Err(invalid(
-                    "model.lora_rank",
-                    "model.lora_base/lora_alpha/lora_base_sha256 are set but lora_rank is 0",
-                ));
-            }
-            return Ok(());
-        }
-        if self.lora_base.as_deref().is_none_or(str::is_empty) {
-            return Err(invalid("model.lora_base", "LoRA (model.lora_rank > 0) needs the frozen base model's file"));
-        }
-        if let Some(a) = self.lora_alpha {
-            if !(a.is_finite() && a > 0.0) {
-                return Err(invalid("model.lora_alpha", format!("must be finite and > 0, got {a}")));
-            }
-        }
-        if let Some(h) = &self.lora_base_sha256 {
-            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid("model.lora_base_sha256", "must be 64 hex digits"));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Meta-learning algorithms.
@@ -694,104 +605,4 @@ pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigE
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn empty_config_is_the_default_and_valid() {
-        let c = Config::from_toml("").unwrap();
-        assert_eq!(c, Config::default());
-    }
-
-    #[test]
-    fn overrides_apply_and_are_typed() {
-        let c = Config::from_toml_with_overrides(
-            "[task]\ndistribution = \"noisy-linear\"\n",
-            &["train.meta_lr=0.01".into(), "model.name=mlp-ln".into(), "seed=7".into()],
-        )
-        .unwrap();
-        assert_eq!(c.train.meta_lr, 0.01);
-        assert_eq!(c.model.name, ModelKind::MlpLn);
-        assert_eq!(c.seed, 7);
-        assert_eq!(c.task, TaskConfig::NoisyLinear(RegressionTaskConfig { support: 30, query: 20 }));
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let e = Config::from_toml_with_overrides("", &["train.meta_batch=0".into()]).unwrap_err();
-        assert!(e.to_string().contains("train.meta_batch"), "{e}");
-        let e = Config::from_toml("[train]\nmeta_btch = 3\n").unwrap_err();
-        assert!(e.to_string().contains("meta_btch"), "{e}");
-        let e = Config::from_toml("[model]\nname = \"resnet\"\n").unwrap_err();
-        assert!(e.to_string().contains("mlp-ln"), "allowed values listed: {e}");
-        let e = Config::from_toml("[task]\ndistribution = \"omniglot\"\n").unwrap_err();
-        assert!(e.to_string().contains("model.name"), "{e}");
-        let e = Config::from_toml_with_overrides("", &["nonsense".into()]).unwrap_err();
-        assert!(matches!(e, ConfigError::BadOverride(_)));
-    }
-
-    #[test]
-    fn out_of_range_values_are_refused_before_they_can_overflow_or_starve() {
-        for bad in
-            ["task_timeout_secs=1e300", "task_timeout_secs=1e19", "task_timeout_secs=nan", "task_timeout_secs=1e-300"]
-                .map(|s| format!("cluster.{s}"))
-        {
-            let e = Config::from_toml_with_overrides("", &[bad.clone()]).unwrap_err();
-            assert!(e.to_string().contains("cluster.task_timeout_secs"), "{bad}: {e}");
-        }
-        let omniglot = "[task]\ndistribution = \"omniglot\"\n[model]\nname = \"conv4\"\n";
-        let e = Config::from_toml_with_overrides(omniglot, &["task.n_way=660".into()]).unwrap_err();
-        assert!(e.to_string().contains("659"), "{e}");
-        assert!(Config::from_toml_with_overrides(omniglot, &["task.n_way=659".into()]).is_ok());
-    }
-
-    #[test]
-    fn a_task_override_on_the_default_keeps_the_default_distribution() {
-        let c = Config::from_toml_with_overrides("", &["task.support=20".into()]).unwrap();
-        assert_eq!(c.task, TaskConfig::Sinusoid(RegressionTaskConfig { support: 20, query: 10 }));
-    }
-
-    #[test]
-    fn resume_conflicts_name_what_differs_and_allow_run_length_changes() {
-        let a = Config::default();
-        let mut b = a.clone();
-        b.train.steps = 99_999;
-        b.eval.every = 7;
-        b.checkpoint.every = 3;
-        b.cluster.task_timeout_secs = 30.0;
-        assert!(a.resume_conflicts(&b).is_empty());
-        b.train.meta_lr = 0.5;
-        b.algo.name = AlgoKind::Fomaml;
-        b.cluster.grad_dtype = crate::tensor::Dtype::Bf16;
-        b.algo.compute_dtype = ComputeDtype::Bf16;
-        let c = a.resume_conflicts(&b);
-        assert_eq!(c.len(), 4, "{c:?}");
-        assert!(c.iter().any(|l| l.starts_with("cluster.grad_dtype")), "{c:?}");
-        assert!(c.iter().any(|l| l.starts_with("algo.compute_dtype")), "{c:?}");
-        assert!(c.iter().any(|l| l.starts_with("train.meta_lr: 0.001 in the checkpoint, 0.5 now")), "{c:?}");
-        assert!(c.iter().any(|l| l.starts_with("algo.name")), "{c:?}");
-    }
-
-    #[test]
-    fn an_adaptive_curriculum_makes_the_periodic_evaluations_part_of_the_run() {
-        let mut a = Config::default();
-        a.curriculum.schedule = Schedule::Adaptive;
-        let mut b = a.clone();
-        b.eval.final_tasks = 10;
-        b.train.steps = 5000;
-        assert!(a.resume_conflicts(&b).is_empty());
-        b.eval.every = 7;
-        let c = a.resume_conflicts(&b);
-        assert!(c.len() == 1 && c[0].starts_with("eval.every"), "{c:?}");
-    }
-
-    #[test]
-    fn round_trips_through_toml() {
-        let c = Config::from_toml(
-            "[task]\ndistribution = \"omniglot\"\nn_way = 20\n[model]\nname = \"conv4\"\n[algo]\ninner_grad_clamp = inf\n",
-        )
-        .unwrap();
-        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
-        assert!(c.algo.inner_grad_clamp.is_infinite());
-    }
-}
+mod tests;

@@ -76,7 +76,10 @@ pub(super) fn validate(a: &AlgoConfig, t: &TrainConfig) -> Result<(), ConfigErro
     }
     let maml_pp = a.multi_step_loss || a.per_step_lrs || a.first_order_steps > 0 || a.per_step_bn;
     if maml_pp && a.compute_dtype == super::ComputeDtype::Bf16 {
-        return Err(invalid("algo.compute_dtype", "bf16 is not implemented with the MAML++ options"));
+        return Err(invalid(
+            "algo.compute_dtype",
+            "bf16 runs on the batched path only, and MAML++'s options take the per-task path: use f32",
+        ));
     }
     if !(t.min_meta_lr.is_finite() && t.min_meta_lr >= 0.0 && t.min_meta_lr <= t.meta_lr) {
         return Err(invalid("train.min_meta_lr", format!("must be in [0, train.meta_lr], got {}", t.min_meta_lr)));
