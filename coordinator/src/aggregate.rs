@@ -17,6 +17,7 @@ use metatrain_common::tensor::{decode_f32, Dtype, TensorError};
 use thiserror::Error;
 
 use crate::defence::{self, Score, TaskStats, Window};
+use crate::spill::{MemorySpill, SpillError, SpillStore, Ticket, SPILL_CHUNK};
 
 /// A validated task result.
 #[derive(Clone, Debug, PartialEq)]
@@ -195,14 +196,55 @@ impl BatchSummary {
     }
 }
 
+/// A gradient waiting in the collector: in memory, or in the spill store.
+enum Stored {
+    Memory(Vec<f32>),
+    Spilled(Ticket),
+}
+
+/// A result waiting for its turn: its figures, and its gradient (train mode).
+struct Entry {
+    outcome: TaskOutcome,
+    grad: Option<Stored>,
+    /// The gradient's L2 norm, when the defence needs it (taken before it may be spilled).
+    norm: f64,
+}
+
+/// How much of a batch's waiting gradients may stay in memory, and where the rest go.
+pub struct Reorder {
+    /// Bytes of gradients the collector may hold in memory (out-of-order results, and with a defence
+    /// every gradient of the step); beyond this they go to `store`.
+    pub memory_bytes: u64,
+    pub store: Box<dyn SpillStore>,
+}
+
+impl Reorder {
+    /// Everything in memory, nothing spilled.
+    pub fn in_memory() -> Reorder {
+        Reorder { memory_bytes: u64::MAX, store: Box::new(MemorySpill::default()) }
+    }
+}
+
 /// Collects one batch's results and reduces gradients in index order as the prefix fills.
+///
+/// A result that arrives ahead of its turn waits; while the waiting gradients fit in
+/// [`Reorder::memory_bytes`] they wait in memory, and beyond that in the [`SpillStore`], from which they
+/// are added into the sum a chunk at a time. The order of the additions, hence the sum, is the same
+/// either way. Should the store refuse a gradient (a full disk), the gradient stays in memory and
+/// [`BatchCollector::take_spill_failure`] says why: memory is spent rather than a result lost.
 pub struct BatchCollector {
     n: usize,
     next: usize,
-    waiting: BTreeMap<usize, TaskOutcome>,
+    waiting: BTreeMap<usize, Entry>,
     grad_sum: Option<Vec<f64>>,
     /// Every gradient, in index order, when the defence needs them all (then `grad_sum` is unused).
-    held: Option<Vec<Vec<f32>>>,
+    held: Option<Vec<Stored>>,
+    reorder: Reorder,
+    /// Bytes of gradients held in memory now.
+    memory_bytes: u64,
+    /// Gradients handed to the store in this batch.
+    spilled: usize,
+    spill_failure: Option<SpillError>,
     norms: Vec<f64>,
     difficulty: Vec<f64>,
     pre: Vec<f64>,
@@ -213,7 +255,7 @@ pub struct BatchCollector {
 
 impl BatchCollector {
     /// A batch of `n` tasks; `numel` > 0 for training batches (gradients are summed, or held when `hold`).
-    pub fn new(n: usize, numel: Option<usize>, hold: bool) -> Self {
+    pub fn new(n: usize, numel: Option<usize>, hold: bool, reorder: Reorder) -> Self {
         let hold = hold && numel.is_some();
         BatchCollector {
             n,
@@ -221,6 +263,10 @@ impl BatchCollector {
             waiting: BTreeMap::new(),
             grad_sum: if hold { None } else { numel.map(|k| vec![0.0; k]) },
             held: hold.then(|| Vec::with_capacity(n)),
+            reorder,
+            memory_bytes: 0,
+            spilled: 0,
+            spill_failure: None,
             norms: Vec::new(),
             difficulty: Vec::with_capacity(n),
             pre: Vec::with_capacity(n),
@@ -230,46 +276,109 @@ impl BatchCollector {
         }
     }
 
-    /// Adds the result of task `index` (each index once; the scheduler guarantees it).
-    pub fn insert(&mut self, index: usize, outcome: TaskOutcome) {
+    /// Adds the result of task `index` (each index once; the scheduler guarantees it). Fails only when a
+    /// spilled gradient cannot be read back.
+    pub fn insert(&mut self, index: usize, mut outcome: TaskOutcome) -> Result<(), SpillError> {
         if index < self.next || index >= self.n {
-            return;
+            return Ok(());
         }
-        self.waiting.insert(index, outcome);
-        while let Some(o) = self.waiting.remove(&self.next) {
-            self.reduce(o);
+        let grad = outcome.grad.take();
+        let norm = match (&grad, &self.held) {
+            (Some(g), Some(_)) => g.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt(),
+            _ => 0.0,
+        };
+        // The next in order is added to the sum at once, whatever the budget; anything else may wait long.
+        let now = index == self.next && self.held.is_none();
+        let grad = grad.map(|g| if now { self.keep(g) } else { self.park(g) });
+        self.waiting.insert(index, Entry { outcome, grad, norm });
+        while let Some(e) = self.waiting.remove(&self.next) {
+            self.reduce(e)?;
             self.next += 1;
+        }
+        Ok(())
+    }
+
+    fn keep(&mut self, g: Vec<f32>) -> Stored {
+        self.memory_bytes += g.len() as u64 * 4;
+        Stored::Memory(g)
+    }
+
+    /// Keeps a waiting gradient in memory while it fits the budget, and spills it otherwise.
+    fn park(&mut self, g: Vec<f32>) -> Stored {
+        let bytes = g.len() as u64 * 4;
+        if self.memory_bytes.saturating_add(bytes) <= self.reorder.memory_bytes {
+            return self.keep(g);
+        }
+        match self.reorder.store.put(&g) {
+            Ok(ticket) => {
+                self.spilled += 1;
+                Stored::Spilled(ticket)
+            }
+            Err(e) => {
+                self.spill_failure.get_or_insert(e);
+                self.keep(g)
+            }
         }
     }
 
-    fn reduce(&mut self, o: TaskOutcome) {
+    fn reduce(&mut self, e: Entry) -> Result<(), SpillError> {
+        let o = e.outcome;
         self.pre.push(o.pre_loss);
         self.post.push(o.post_loss);
         self.pre_acc.extend(o.pre_accuracy);
         self.post_acc.extend(o.post_accuracy);
         self.difficulty.push(o.difficulty);
-        if let (Some(sum), Some(g)) = (self.grad_sum.as_mut(), o.grad.as_ref()) {
-            for (s, v) in sum.iter_mut().zip(g) {
-                *s += *v as f64;
+        let Some(grad) = e.grad else { return Ok(()) };
+        if let Some(held) = self.held.as_mut() {
+            self.norms.push(e.norm);
+            held.push(grad);
+            return Ok(());
+        }
+        let Some(sum) = self.grad_sum.as_mut() else { return Ok(()) };
+        match grad {
+            Stored::Memory(g) => {
+                self.memory_bytes -= g.len() as u64 * 4;
+                add_into(sum, &g);
+            }
+            Stored::Spilled(ticket) => {
+                let mut buf = vec![0.0f32; SPILL_CHUNK.min(ticket.len())];
+                for start in (0..ticket.len()).step_by(SPILL_CHUNK) {
+                    let n = SPILL_CHUNK.min(ticket.len() - start);
+                    self.reorder.store.read(ticket, start, &mut buf[..n])?;
+                    add_into(&mut sum[start..start + n], &buf[..n]);
+                }
             }
         }
-        if let (Some(held), Some(g)) = (self.held.as_mut(), o.grad) {
-            self.norms.push(g.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt());
-            held.push(g);
-        }
+        Ok(())
     }
 
     pub fn is_complete(&self) -> bool {
         self.next == self.n
     }
 
+    /// Gradients this batch handed to the spill store so far.
+    pub fn spilled(&self) -> usize {
+        self.spilled
+    }
+
+    /// Why the store refused a gradient (kept in memory instead), once.
+    pub fn take_spill_failure(&mut self) -> Option<SpillError> {
+        self.spill_failure.take()
+    }
+
     /// Means, CIs, and (train mode) the reduced gradient clipped to `max_grad_norm`. A collector that
-    /// holds its gradients scores them against `window` and reduces them as `defence` says.
-    pub fn finish(self, max_grad_norm: f64, defence: Option<(&DefenceConfig, &mut Window)>) -> BatchSummary {
+    /// holds its gradients scores them against `window` and reduces them as `defence` says. Fails only
+    /// when a spilled gradient cannot be read back.
+    pub fn finish(
+        mut self,
+        max_grad_norm: f64,
+        defence: Option<(&DefenceConfig, &mut Window)>,
+    ) -> Result<BatchSummary, SpillError> {
         let n = self.next.max(1) as f64;
         let (mut mean_grad, mut grad_norm, mut clipped) = (None, 0.0, false);
         let mut scores = Vec::new();
-        let reduced: Option<Vec<f64>> = match (self.grad_sum, &self.held, defence) {
+        let held = self.held.take();
+        let reduced: Option<Vec<f64>> = match (self.grad_sum.take(), held, defence) {
             (Some(sum), _, _) => Some(sum.iter().map(|s| s / n).collect()),
             (None, Some(held), Some((cfg, window))) => {
                 let batch: Vec<TaskStats> = (self.pre.iter().zip(&self.post).zip(&self.norms))
@@ -277,12 +386,17 @@ impl BatchCollector {
                     .collect();
                 scores = window.score_batch(&batch, cfg);
                 let weights: Vec<f64> = scores.iter().map(|s| s.weight).collect();
-                let grads: Vec<&[f32]> = held.iter().map(Vec::as_slice).collect();
-                defence::reduce(&grads, &weights, cfg.aggregate, cfg.trim)
+                reduce_held(&held, self.reorder.store.as_mut(), &weights, cfg.aggregate, cfg.trim)?
             }
             (None, Some(held), None) => {
-                let grads: Vec<&[f32]> = held.iter().map(Vec::as_slice).collect();
-                defence::reduce(&grads, &vec![1.0; grads.len()], metatrain_common::config::Aggregation::Mean, 0.0)
+                let ones = vec![1.0; held.len()];
+                reduce_held(
+                    &held,
+                    self.reorder.store.as_mut(),
+                    &ones,
+                    metatrain_common::config::Aggregation::Mean,
+                    0.0,
+                )?
             }
             (None, None, _) => None,
         };
@@ -297,7 +411,7 @@ impl BatchCollector {
             mean_grad = Some(mean.iter().map(|v| (v * scale) as f32).collect());
         }
         let acc = |v: &[f64]| if v.is_empty() { None } else { Some(mean_ci(v)) };
-        BatchSummary {
+        Ok(BatchSummary {
             pre_loss: mean_ci(&self.pre),
             post_loss: mean_ci(&self.post),
             pre_accuracy: acc(&self.pre_acc),
@@ -309,6 +423,57 @@ impl BatchCollector {
             task_post_loss: self.post,
             task_difficulty: self.difficulty,
             scores,
+        })
+    }
+}
+
+fn add_into(sum: &mut [f64], g: &[f32]) {
+    for (s, v) in sum.iter_mut().zip(g) {
+        *s += *v as f64;
+    }
+}
+
+/// [`defence::reduce`] over held gradients, some of them spilled: element-wise, so it is taken over
+/// ranges of [`SPILL_CHUNK`] elements (all in memory: one range), reading only that range of each
+/// spilled gradient. The result is the same as over whole vectors.
+fn reduce_held(
+    held: &[Stored],
+    store: &mut dyn SpillStore,
+    weights: &[f64],
+    how: metatrain_common::config::Aggregation,
+    trim: f64,
+) -> Result<Option<Vec<f64>>, SpillError> {
+    let len = |s: &Stored| match s {
+        Stored::Memory(g) => g.len(),
+        Stored::Spilled(t) => t.len(),
+    };
+    let Some(numel) = held.first().map(len) else { return Ok(None) };
+    let any_spilled = held.iter().any(|s| matches!(s, Stored::Spilled(_)));
+    let step = if any_spilled { SPILL_CHUNK } else { numel.max(1) };
+    let mut out = Vec::with_capacity(numel);
+    let mut bufs: Vec<Vec<f32>> = held.iter().map(|_| Vec::new()).collect();
+    let mut start = 0;
+    loop {
+        let end = (start + step).min(numel);
+        for (s, buf) in held.iter().zip(bufs.iter_mut()) {
+            if let Stored::Spilled(t) = s {
+                buf.resize(end - start, 0.0);
+                store.read(*t, start, buf)?;
+            }
+        }
+        let slices: Vec<&[f32]> = held
+            .iter()
+            .zip(&bufs)
+            .map(|(s, buf)| match s {
+                Stored::Memory(g) => &g[start..end],
+                Stored::Spilled(_) => buf.as_slice(),
+            })
+            .collect();
+        let Some(part) = defence::reduce(&slices, weights, how, trim) else { return Ok(None) };
+        out.extend(part);
+        start = end;
+        if start >= numel {
+            return Ok(Some(out));
         }
     }
 }
@@ -395,20 +560,20 @@ mod tests {
         // Values whose f32/f64 sums depend on order if summed naively in arrival order.
         let grads: Vec<Vec<f32>> = (0..7).map(|i| vec![1e8 * (i as f32 - 3.0), 0.1 * i as f32 + 1e-7]).collect();
         let run = |order: &[usize]| {
-            let mut streamed = BatchCollector::new(7, Some(2), false);
-            let mut held = BatchCollector::new(7, Some(2), true);
+            let mut streamed = BatchCollector::new(7, Some(2), false, Reorder::in_memory());
+            let mut held = BatchCollector::new(7, Some(2), true, Reorder::in_memory());
             for &i in order {
                 assert!(!streamed.is_complete());
-                streamed.insert(i, outcome(grads[i].clone()));
-                held.insert(i, outcome(grads[i].clone()));
+                streamed.insert(i, outcome(grads[i].clone())).unwrap();
+                held.insert(i, outcome(grads[i].clone())).unwrap();
             }
             assert!(streamed.is_complete() && held.is_complete());
-            let g = streamed.finish(f64::INFINITY, None).mean_grad.unwrap();
+            let g = streamed.finish(f64::INFINITY, None).unwrap().mean_grad.unwrap();
             // Holding the gradients (for a defence) and taking their unweighted mean is the same sum.
             let mut window = Window::default();
             let off =
                 DefenceConfig { aggregate: metatrain_common::config::Aggregation::Mean, ..DefenceConfig::default() };
-            assert_eq!(held.finish(f64::INFINITY, Some((&off, &mut window))).mean_grad.unwrap(), g);
+            assert_eq!(held.finish(f64::INFINITY, Some((&off, &mut window))).unwrap().mean_grad.unwrap(), g);
             g
         };
         let a = run(&[0, 1, 2, 3, 4, 5, 6]);
@@ -416,20 +581,134 @@ mod tests {
         assert_eq!(a, run(&[3, 0, 6, 1, 5, 2, 4]));
     }
 
+    /// Bit patterns, so that -0.0 and 0.0 (and any NaN) would tell apart.
+    fn bits(g: &[f32]) -> Vec<u32> {
+        g.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Gradients whose f64 sums depend on the order of addition (±1e20 beside values near 1), `numel`
+    /// values each.
+    fn awkward_grads(tasks: usize, numel: usize) -> Vec<Vec<f32>> {
+        (0..tasks)
+            .map(|t| {
+                (0..numel)
+                    .map(|j| match (t + j) % tasks {
+                        0 => 1e20,
+                        1 => -1e20,
+                        _ => 1.0 + (j % 7) as f32 * 0.125,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_test_gradients_do_depend_on_order() {
+        let grads = awkward_grads(7, 3);
+        let sum = |order: &[usize]| {
+            (0..3).map(|j| order.iter().map(|&t| grads[t][j] as f64).sum::<f64>()).collect::<Vec<_>>()
+        };
+        assert_ne!(sum(&[0, 1, 2, 3, 4, 5, 6]), sum(&[3, 0, 6, 1, 5, 2, 4]));
+    }
+
+    /// Runs one batch in `order`; returns the mean gradient and how many gradients were spilled.
+    fn run_batch(
+        grads: &[Vec<f32>],
+        order: &[usize],
+        hold: Option<&DefenceConfig>,
+        reorder: Reorder,
+    ) -> (Vec<f32>, usize) {
+        let numel = grads[0].len();
+        let mut c = BatchCollector::new(grads.len(), Some(numel), hold.is_some(), reorder);
+        for &i in order {
+            c.insert(i, outcome(grads[i].clone())).unwrap();
+            assert!(c.memory_bytes <= c.reorder.memory_bytes.max(numel as u64 * 4), "over the budget");
+        }
+        let spilled = c.spilled();
+        let mut window = Window::default();
+        let s = c.finish(f64::INFINITY, hold.map(|cfg| (cfg, &mut window))).unwrap();
+        (s.mean_grad.unwrap(), spilled)
+    }
+
+    #[test]
+    fn spilled_gradients_reduce_to_the_same_bits_and_memory_stays_in_budget() {
+        let numel = 3;
+        let grads = awkward_grads(7, numel);
+        let one = numel as u64 * 4;
+        let spill = |memory_bytes| Reorder { memory_bytes, store: Box::new(MemorySpill::default()) };
+        let reversed = [6, 5, 4, 3, 2, 1, 0];
+        let (reference, none) = run_batch(&grads, &[0, 1, 2, 3, 4, 5, 6], None, Reorder::in_memory());
+        assert_eq!(none, 0);
+        // Reversed arrival: six results wait. With room for none, all six are spilled; with room for two,
+        // four are.
+        let (g, n) = run_batch(&grads, &reversed, None, spill(0));
+        assert_eq!((bits(&g), n), (bits(&reference), 6));
+        let (g, n) = run_batch(&grads, &reversed, None, spill(2 * one));
+        assert_eq!((bits(&g), n), (bits(&reference), 4));
+        // In order nothing waits, so nothing is spilled even with no room at all.
+        assert_eq!(run_batch(&grads, &[0, 1, 2, 3, 4, 5, 6], None, spill(0)).1, 0);
+        let (g, _) = run_batch(&grads, &[3, 0, 6, 1, 5, 2, 4], None, spill(one));
+        assert_eq!(bits(&g), bits(&reference));
+        // Through a real file.
+        let dir = std::env::temp_dir().join(format!("metatrain-aggregate-spill-{}", std::process::id()));
+        let file = Reorder { memory_bytes: 0, store: Box::new(crate::spill::FileSpill::new(&dir)) };
+        let (g, n) = run_batch(&grads, &reversed, None, file);
+        assert_eq!((bits(&g), n), (bits(&reference), 6));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_defence_over_spilled_gradients_is_the_same_and_reads_them_in_chunks() {
+        use metatrain_common::config::{Aggregation, QuarantineMode};
+        // Longer than two chunks, so the element-wise reduction runs over three ranges.
+        let numel = crate::spill::SPILL_CHUNK * 2 + 3;
+        let grads = awkward_grads(5, numel);
+        let order = [4, 2, 0, 3, 1];
+        for cfg in [
+            DefenceConfig { aggregate: Aggregation::Median, ..DefenceConfig::default() },
+            DefenceConfig { aggregate: Aggregation::TrimmedMean, trim: 0.2, ..DefenceConfig::default() },
+            DefenceConfig { quarantine: QuarantineMode::DownWeight, ..DefenceConfig::default() },
+        ] {
+            let (reference, _) = run_batch(&grads, &order, Some(&cfg), Reorder::in_memory());
+            // Room for two of the five: three are spilled.
+            let reorder = Reorder { memory_bytes: 2 * numel as u64 * 4, store: Box::new(MemorySpill::default()) };
+            let (g, n) = run_batch(&grads, &order, Some(&cfg), reorder);
+            assert_eq!(n, 3);
+            assert!(bits(&g) == bits(&reference), "{:?} differs when spilled", cfg.aggregate);
+        }
+    }
+
+    #[test]
+    fn a_store_that_refuses_costs_memory_not_results() {
+        let grads = awkward_grads(4, 2);
+        let (reference, _) = run_batch(&grads, &[0, 1, 2, 3], None, Reorder::in_memory());
+        let store = MemorySpill::refusing();
+        let mut c = BatchCollector::new(4, Some(2), false, Reorder { memory_bytes: 0, store: Box::new(store) });
+        for i in [3, 2, 1] {
+            c.insert(i, outcome(grads[i].clone())).unwrap();
+        }
+        assert!(c.take_spill_failure().is_some());
+        assert!(c.take_spill_failure().is_none(), "said once");
+        assert_eq!((c.spilled(), c.memory_bytes), (0, 3 * 2 * 4));
+        c.insert(0, outcome(grads[0].clone())).unwrap();
+        assert_eq!(c.memory_bytes, 0);
+        assert_eq!(bits(&c.finish(f64::INFINITY, None).unwrap().mean_grad.unwrap()), bits(&reference));
+    }
+
     #[test]
     fn global_norm_clipping() {
-        let mut c = BatchCollector::new(2, Some(2), false);
-        c.insert(0, outcome(vec![6.0, 0.0]));
-        c.insert(1, outcome(vec![0.0, 8.0]));
-        let s = c.finish(1.0, None);
+        let mut c = BatchCollector::new(2, Some(2), false, Reorder::in_memory());
+        c.insert(0, outcome(vec![6.0, 0.0])).unwrap();
+        c.insert(1, outcome(vec![0.0, 8.0])).unwrap();
+        let s = c.finish(1.0, None).unwrap();
         // mean = (3, 4), norm 5 → rescaled to norm 1.
         assert!((s.grad_norm - 5.0).abs() < 1e-12);
         assert!(s.clipped);
         let g = s.mean_grad.unwrap();
         assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
-        let mut c = BatchCollector::new(1, Some(2), false);
-        c.insert(0, outcome(vec![0.3, 0.4]));
-        let s = c.finish(1.0, None);
+        let mut c = BatchCollector::new(1, Some(2), false, Reorder::in_memory());
+        c.insert(0, outcome(vec![0.3, 0.4])).unwrap();
+        let s = c.finish(1.0, None).unwrap();
         assert!(!s.clipped);
         assert_eq!(s.mean_grad.unwrap(), vec![0.3, 0.4]);
     }
@@ -438,16 +717,16 @@ mod tests {
     fn a_quarantined_task_leaves_the_step() {
         use metatrain_common::config::QuarantineMode;
         let cfg = DefenceConfig { quarantine: QuarantineMode::Skip, ..DefenceConfig::default() };
-        let mut c = BatchCollector::new(6, Some(1), true);
+        let mut c = BatchCollector::new(6, Some(1), true, Reorder::in_memory());
         for i in 0..6 {
             // Five ordinary tasks and one whose losses and gradient are 10⁴ times larger.
             let mut o = outcome(vec![if i == 4 { 1e4 } else { 1.0 + 0.01 * i as f32 }]);
             o.post_loss = if i == 4 { 1e4 } else { 1.0 + 0.1 * i as f64 };
             o.pre_loss = if i == 4 { 3e4 } else { 3.0 - 0.1 * i as f64 };
-            c.insert(i, o);
+            c.insert(i, o).unwrap();
         }
         let mut window = Window::default();
-        let s = c.finish(f64::INFINITY, Some((&cfg, &mut window)));
+        let s = c.finish(f64::INFINITY, Some((&cfg, &mut window))).unwrap();
         assert_eq!(s.quarantined(), 1);
         assert!(s.scores[4].quarantined.is_some());
         let g = s.mean_grad.unwrap()[0];

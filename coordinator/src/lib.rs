@@ -36,6 +36,7 @@ pub mod run;
 pub mod sampler;
 pub mod scheduler;
 pub mod server;
+pub mod spill;
 pub mod status;
 pub mod sweep;
 pub mod train;

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use metatrain_common::config::Corruption;
 use metatrain_common::layout::params_sha256;
 
-use crate::aggregate::{BatchCollector, BatchSummary, Rejection};
+use crate::aggregate::{BatchCollector, BatchSummary, Rejection, Reorder};
 use crate::checkpoint::{Checkpoint, Header, SamplerState};
 use crate::curriculum::Curriculum;
 use crate::defence::Window;
@@ -29,6 +29,7 @@ use crate::local::LocalWorkers;
 use crate::optim::Adam;
 use crate::scheduler::{Action, Scheduler, SchedulerStats, Verdict, WorkerId};
 use crate::server::{Event, Outbound, Quarantine};
+use crate::spill::{FileSpill, SpillError};
 
 /// A task whose results are refused (or which fails) on this many different workers (or on two, if the
 /// run has had only two) aborts the run: the failure is deterministic (diverged training, missing
@@ -61,6 +62,8 @@ pub enum RunError {
     Io(String),
     #[error("meta-step {step}: {why}")]
     Diverged { step: u64, why: String },
+    #[error("a gradient waiting for its turn: {0}")]
+    Spill(#[from] SpillError),
 }
 
 struct WorkerEntry {
@@ -107,6 +110,8 @@ pub struct Trainer {
     reassigned_before: u64,
     /// Dirty tasks and the defence's record (carried across resumes).
     pub defence_counts: DefenceCounts,
+    /// Gradients that waited on disk rather than in memory (see `cluster.reorder_memory_mb`).
+    pub gradients_spilled: u64,
 }
 
 /// What the `[corrupt]` option did and what the defence caught, over the whole run.
@@ -216,6 +221,7 @@ impl Trainer {
             max_workers: 0,
             reassigned_before: 0,
             defence_counts: DefenceCounts::default(),
+            gradients_spilled: 0,
         }
     }
 
@@ -345,7 +351,12 @@ impl Trainer {
             .collect();
         let by_id: HashMap<TaskId, TaskSpec> = assignments.iter().map(|a| (a.id, a.spec)).collect();
         let hold = mode == Mode::Train && self.config.defence.holds_gradients();
-        let mut collector = BatchCollector::new(assignments.len(), (mode == Mode::Train).then_some(numel), hold);
+        let reorder = Reorder {
+            memory_bytes: self.config.cluster.reorder_memory_bytes(),
+            store: Box::new(FileSpill::new(&self.config.cluster.spill_folder())),
+        };
+        let mut collector =
+            BatchCollector::new(assignments.len(), (mode == Mode::Train).then_some(numel), hold, reorder);
         let actions = self.scheduler.start_batch(version, assignments, Instant::now());
         self.dispatch(actions, version, &payload);
         let mut tick = tokio::time::interval(TICK);
@@ -381,8 +392,23 @@ impl Trainer {
                 _ = stop.changed() => return Err(RunError::Interrupted),
             }
         }
+        self.note_spills(&collector);
         let defence = hold.then_some((&self.config.defence, &mut self.window));
-        Ok(collector.finish(self.config.train.max_grad_norm, defence))
+        Ok(collector.finish(self.config.train.max_grad_norm, defence)?)
+    }
+
+    /// Counts the gradients a finished batch spilled, and says the first time a run spills at all.
+    fn note_spills(&mut self, collector: &BatchCollector) {
+        let n = collector.spilled() as u64;
+        if n > 0 && self.gradients_spilled == 0 {
+            tracing::info!(
+                "gradients waiting for their turn in the reduction exceeded cluster.reorder_memory_mb ({} MB); the rest wait in {}",
+                self.config.cluster.reorder_memory_mb,
+                self.config.cluster.spill_folder().display()
+            );
+        }
+        self.gradients_spilled += n;
+        metrics::counter!("metatrain_gradients_spilled_total").increment(n);
     }
 
     /// Counts corrupted and quarantined tasks of a finished training step.
@@ -463,7 +489,7 @@ impl Trainer {
                 }
                 Ok(self.scheduler.retry(worker, id, now))
             }
-            Event::Result { worker, result, outcome } => {
+            Event::Result { worker, result, outcome, permit } => {
                 if !self.scheduler.holds(worker, result.id) {
                     // Never given this task (or already returned it): forged or replayed.
                     self.reject("not_assigned");
@@ -495,7 +521,12 @@ impl Trainer {
                         self.tasks_completed += 1;
                         let who = self.worker_label(worker);
                         metrics::counter!("metatrain_worker_results_total", "worker" => who).increment(1);
-                        collector.insert(index, outcome);
+                        collector.insert(index, outcome)?;
+                        // The gradient is in the sum, or parked within cluster.reorder_memory_mb, or on disk.
+                        drop(permit);
+                        if let Some(e) = collector.take_spill_failure() {
+                            tracing::warn!("could not spill a waiting gradient, keeping it in memory: {e}");
+                        }
                     }
                     // Benign: a slower copy of a task already done, or a late copy from an earlier batch.
                     Verdict::Duplicate => self.reject("duplicate"),

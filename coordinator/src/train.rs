@@ -300,6 +300,7 @@ pub(crate) fn start_server(
         next_worker: AtomicU64::new(1),
         quarantine: quarantine.clone(),
         names: Arc::default(),
+        receive_budget: server::ReceiveBudget::new(config.cluster.receive_memory_bytes()),
     });
     tokio::spawn(server::serve(endpoint.clone(), ctx));
     (events_rx, quarantine)

@@ -33,7 +33,16 @@ fn a_tiny_benchmark_aggregates_every_result_and_accounts_for_its_bytes() {
         steps: STEPS,
         min_seconds: 0.0,
     };
-    let opts = case::Options { coordinator_threads: 2, worker_threads: 2, recv_buffer: None };
+    // Budgets far below the defaults, so that the path a 100M-parameter model takes is the one tested:
+    // each result stream waits for room before it is read (one connection at a time, 1 MB), and every
+    // result that arrives ahead of its turn waits on disk.
+    let opts = case::Options {
+        coordinator_threads: 2,
+        worker_threads: 2,
+        recv_buffer: None,
+        reorder_memory_mb: Some(0),
+        receive_memory_mb: Some(1),
+    };
     let o = case::run(c, &temp.tls, &opts).expect("the benchmark case runs");
     let f = o.frames;
     let meta_batch = (WORKERS * TASKS_PER_WORKER) as u64;
@@ -43,6 +52,9 @@ fn a_tiny_benchmark_aggregates_every_result_and_accounts_for_its_bytes() {
     assert_eq!(o.steps, STEPS);
     assert_eq!(o.tasks_accepted, STEPS * meta_batch);
     assert!(o.params_finite);
+    // Three workers answer in parallel: some results arrive ahead of their turn, and wait on disk.
+    println!("{} gradients spilled", o.gradients_spilled);
+    assert!(o.gradients_spilled > 0, "nothing was spilled: {o:?}");
     // Results beyond those are only copies of stragglers (refused as duplicates), never anything else.
     assert!(f.results >= o.tasks_accepted);
     assert!(

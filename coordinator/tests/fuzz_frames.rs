@@ -85,6 +85,7 @@ fn frames_and_message_handling_never_panic() {
         next_worker: AtomicU64::new(1),
         quarantine: Arc::new(Quarantine::default()),
         names: Arc::default(),
+        receive_budget: metatrain_coordinator::server::ReceiveBudget::new(1 << 30),
     };
     let limits = Limits::with_payload((NUMEL * 4) as u64);
     let seeds = seeds();
@@ -176,11 +177,11 @@ fn frames_and_message_handling_never_panic() {
         let is_result = matches!(frame.message, Message::Result(_) | Message::TaskFailed { .. });
         let frame = DecodedFrame { payload_len: frame.payload.len() as u64, message: frame.message, gradient };
         if is_result {
-            let _ = rt.block_on(handlers::dispatch(&ctx, 1, frame));
+            let _ = rt.block_on(handlers::dispatch(&ctx, 1, frame, None));
             while rx.try_recv().is_ok() {}
         } else {
             assert!(
-                rt.block_on(handlers::dispatch(&ctx, 1, frame)).is_err(),
+                rt.block_on(handlers::dispatch(&ctx, 1, frame, None)).is_err(),
                 "only results may arrive on result streams"
             );
         }

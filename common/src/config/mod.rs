@@ -321,11 +321,59 @@ pub struct ClusterConfig {
     /// flushing magnitudes below about 6e-8 to 0 and saturating at 65504).
     /// Parameters always travel as f32.
     pub grad_dtype: crate::tensor::Dtype,
+    /// MB (10^6 bytes) of gradients the coordinator keeps in memory while they wait for their turn in
+    /// the in-order reduction (results that arrive before a lower task index; with a `[defence]` that
+    /// holds gradients, every gradient of the step). Beyond it they wait in a file in `spill_dir` and are
+    /// read back a chunk at a time. Default 1024; 0 spills every waiting gradient. The parameters do not
+    /// depend on it.
+    pub reorder_memory_mb: u64,
+    /// Folder of that file (created, unlinked at once, freed after each step). Default: the system's
+    /// temporary folder (`$TMPDIR`, else /tmp).
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// MB of gradients the coordinator receives and decodes at once (and queues for the training loop).
+    /// A result stream waits for room before its payload is read, and QUIC's flow control then holds
+    /// the worker, so many workers returning large gradients at once do not each take a copy's worth of
+    /// memory. A gradient larger than this is received alone. Default 1024.
+    pub receive_memory_mb: u64,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { tasks_in_flight: 4, task_timeout_secs: 120.0, grad_dtype: crate::tensor::Dtype::F32 }
+        ClusterConfig {
+            tasks_in_flight: 4,
+            task_timeout_secs: 120.0,
+            grad_dtype: crate::tensor::Dtype::F32,
+            reorder_memory_mb: DEFAULT_REORDER_MEMORY_MB,
+            spill_dir: None,
+            receive_memory_mb: DEFAULT_RECEIVE_MEMORY_MB,
+        }
+    }
+}
+
+/// Default `cluster.reorder_memory_mb`: two waiting gradients of a 500M-parameter model, or thousands of
+/// a small one (which then never touch the disk).
+pub const DEFAULT_REORDER_MEMORY_MB: u64 = 1024;
+/// Default `cluster.receive_memory_mb`: two 100M-parameter gradients in flight at once, thousands of
+/// small ones.
+pub const DEFAULT_RECEIVE_MEMORY_MB: u64 = 1024;
+/// Largest `cluster.reorder_memory_mb` and `cluster.receive_memory_mb` (about 1 PB): keeps byte counts
+/// far from overflow, and the receive budget's count of MB within a `u32`.
+pub const MAX_REORDER_MEMORY_MB: u64 = 1 << 30;
+
+impl ClusterConfig {
+    /// `reorder_memory_mb` in bytes.
+    pub fn reorder_memory_bytes(&self) -> u64 {
+        self.reorder_memory_mb.saturating_mul(1_000_000)
+    }
+
+    /// `receive_memory_mb` in bytes.
+    pub fn receive_memory_bytes(&self) -> u64 {
+        self.receive_memory_mb.saturating_mul(1_000_000)
+    }
+
+    /// Where waiting gradients beyond the budget are spilled.
+    pub fn spill_folder(&self) -> std::path::PathBuf {
+        self.spill_dir.clone().unwrap_or_else(std::env::temp_dir)
     }
 }
 
@@ -502,6 +550,24 @@ impl Config {
         let c = &self.cluster;
         if c.tasks_in_flight == 0 || c.tasks_in_flight > 4096 {
             return Err(invalid("cluster.tasks_in_flight", format!("must be in 1..=4096, got {}", c.tasks_in_flight)));
+        }
+        if c.reorder_memory_mb > MAX_REORDER_MEMORY_MB {
+            return Err(invalid(
+                "cluster.reorder_memory_mb",
+                format!("must be in 0..={MAX_REORDER_MEMORY_MB}, got {}", c.reorder_memory_mb),
+            ));
+        }
+        if c.receive_memory_mb == 0 || c.receive_memory_mb > MAX_REORDER_MEMORY_MB {
+            return Err(invalid(
+                "cluster.receive_memory_mb",
+                format!("must be in 1..={MAX_REORDER_MEMORY_MB}, got {}", c.receive_memory_mb),
+            ));
+        }
+        if c.spill_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err(invalid(
+                "cluster.spill_dir",
+                "must not be empty (leave it out for the system's temporary folder)",
+            ));
         }
         if !(MIN_TASK_TIMEOUT_SECS..=MAX_TASK_TIMEOUT_SECS).contains(&c.task_timeout_secs) {
             return Err(invalid(

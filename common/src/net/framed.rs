@@ -43,9 +43,31 @@ pub async fn read_result_frame(
     limits: &Limits,
     numel: usize,
 ) -> Result<Option<DecodedFrame>, NetError> {
+    let Some((message, payload_len)) = read_result_head(stream, limits).await? else { return Ok(None) };
+    read_result_payload(stream, message, payload_len, numel).await.map(Some)
+}
+
+/// The first half of [`read_result_frame`]: the prefix and header of a frame on a result stream, and
+/// its payload's length; the payload is not read yet (so a reader may wait, for memory say, while
+/// QUIC's flow control holds the sender). `Ok(None)`: the stream ended before a frame.
+pub async fn read_result_head(stream: &mut RecvStream, limits: &Limits) -> Result<Option<(Message, u64)>, NetError> {
     let Some((message, payload_len)) = read_head(stream, limits).await? else { return Ok(None) };
+    if payload_len > 0 && !matches!(message, Message::Result(_)) {
+        return Err(NetError::UnexpectedPayload(message.kind()));
+    }
+    Ok(Some((message, payload_len)))
+}
+
+/// The second half of [`read_result_frame`]: reads and decodes the `payload_len` bytes that follow
+/// `message`'s header.
+pub async fn read_result_payload(
+    stream: &mut RecvStream,
+    message: Message,
+    payload_len: u64,
+    numel: usize,
+) -> Result<DecodedFrame, NetError> {
     if payload_len == 0 {
-        return Ok(Some(DecodedFrame { message, payload_len, gradient: None }));
+        return Ok(DecodedFrame { message, payload_len, gradient: None });
     }
     let Message::Result(result) = &message else { return Err(NetError::UnexpectedPayload(message.kind())) };
     let mut decoder = Decoder::new(result.grad_dtype, numel, payload_len);
@@ -63,7 +85,7 @@ pub async fn read_result_frame(
         }
     }
     let gradient = Some(decoder.and_then(Decoder::finish));
-    Ok(Some(DecodedFrame { message, payload_len, gradient }))
+    Ok(DecodedFrame { message, payload_len, gradient })
 }
 
 /// Reads a frame's prefix and header. `Ok(None)`: the peer finished the stream cleanly between frames.

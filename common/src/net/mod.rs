@@ -10,7 +10,9 @@ mod metrics_http;
 pub mod pki;
 mod tls;
 
-pub use framed::{read_frame, read_result_frame, write_frame, DecodedFrame, NetError};
+pub use framed::{
+    read_frame, read_result_frame, read_result_head, read_result_payload, write_frame, DecodedFrame, NetError,
+};
 pub use metrics_http::{install_prometheus, install_prometheus_labelled, serve_metrics, HISTOGRAM_SECONDS_BUCKETS};
 pub use tls::{
     allow_result_streams, client_config, client_endpoint, install_crypto_provider, load_or_init_coordinator, peer_name,

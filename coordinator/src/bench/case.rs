@@ -51,6 +51,9 @@ pub struct Options {
     /// `SO_RCVBUF` to ask for on the coordinator's socket (an experiment; `None`: the OS default, as
     /// the real coordinator has).
     pub recv_buffer: Option<usize>,
+    /// `cluster.reorder_memory_mb` and `cluster.receive_memory_mb` (`None`: the run defaults).
+    pub reorder_memory_mb: Option<u64>,
+    pub receive_memory_mb: Option<u64>,
 }
 
 /// What one case measured. Byte and CPU figures cover the measured meta-steps only.
@@ -69,6 +72,8 @@ pub struct Outcome {
     pub results_rejected: u64,
     pub tasks_reassigned: u64,
     pub tasks_duplicated: u64,
+    /// Gradients that waited for their turn on disk (beyond `cluster.reorder_memory_mb`), warm-up included.
+    pub gradients_spilled: u64,
     /// Datagram bytes through the coordinator's socket.
     pub wire: Wire,
     /// Datagrams the kernel dropped because the coordinator's socket buffer was full (Linux).
@@ -83,6 +88,8 @@ pub struct Outcome {
     pub baseline_bytes_per_second: f64,
     /// Whether the parameters were all finite after the last update.
     pub params_finite: bool,
+    /// The process's peak resident set during the case (coordinator and simulated workers; Linux).
+    pub peak_rss_bytes: Option<u64>,
 }
 
 impl Outcome {
@@ -116,6 +123,7 @@ struct Measured {
     rejected: u64,
     reassigned: u64,
     duplicated: u64,
+    spilled: u64,
     wire: Wire,
     kernel_drops: Option<u64>,
     worker_kernel_drops: Option<u64>,
@@ -128,6 +136,7 @@ struct Measured {
 /// Runs one case. `tls` is the coordinator's identity (workers pin its fingerprint; they present no
 /// certificate, which changes only the handshake, outside the measurement).
 pub fn run(case: Case, tls: &CoordinatorTls, opts: &Options) -> Result<Outcome, BenchError> {
+    let peak_reset = reset_peak_rss();
     let numel = case.numel();
     let values = plan::synthetic_gradient(numel);
     let baseline_bytes_per_second = f32_sum_rate(&values, case.meta_batch());
@@ -136,7 +145,7 @@ pub fn run(case: Case, tls: &CoordinatorTls, opts: &Options) -> Result<Outcome, 
     let coordinator_rt = runtime(COORDINATOR_THREADS, opts.coordinator_threads)?;
     let workers_rt = runtime(WORKER_THREADS, opts.worker_threads)?;
 
-    let config = config_for(&case)?;
+    let config = config_for(&case, opts)?;
     let layout = plan::synthetic_layout(numel);
     let server = server_config(tls, false).map_err(BenchError::Tls)?;
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
@@ -193,6 +202,7 @@ pub fn run(case: Case, tls: &CoordinatorTls, opts: &Options) -> Result<Outcome, 
         results_rejected: measured.rejected,
         tasks_reassigned: measured.reassigned,
         tasks_duplicated: measured.duplicated,
+        gradients_spilled: measured.spilled,
         wire: measured.wire,
         kernel_drops: measured.kernel_drops,
         worker_kernel_drops: measured.worker_kernel_drops,
@@ -201,7 +211,22 @@ pub fn run(case: Case, tls: &CoordinatorTls, opts: &Options) -> Result<Outcome, 
         workers_cpu_seconds: measured.workers_cpu,
         baseline_bytes_per_second,
         params_finite: measured.params_finite,
+        peak_rss_bytes: peak_reset.then(peak_rss).flatten(),
     })
+}
+
+/// Resets the kernel's record of this process's peak resident set (Linux ≥ 4.0), so that each case's
+/// peak is its own. False where it cannot.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// `VmHWM`, the peak resident set since the last reset, in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A multi-threaded runtime whose threads are named `name`.
@@ -216,8 +241,14 @@ fn runtime(name: &str, threads: usize) -> Result<tokio::runtime::Runtime, BenchE
 
 /// The run's configuration: the defaults, with the case's meta-batch, every worker holding
 /// `tasks_per_worker` tasks (so each gets tasks, and the parameters, every step), and no evaluation.
-fn config_for(case: &Case) -> Result<Config, BenchError> {
+fn config_for(case: &Case, opts: &Options) -> Result<Config, BenchError> {
     let mut c = Config::default();
+    if let Some(mb) = opts.reorder_memory_mb {
+        c.cluster.reorder_memory_mb = mb;
+    }
+    if let Some(mb) = opts.receive_memory_mb {
+        c.cluster.receive_memory_mb = mb;
+    }
     c.train.steps = case.warmup + case.steps;
     c.train.meta_batch = case.meta_batch();
     c.cluster.tasks_in_flight = case.tasks_per_worker;
@@ -314,6 +345,7 @@ async fn measure(
         rejected: trainer.results_rejected,
         reassigned: trainer.tasks_reassigned(),
         duplicated: trainer.tasks_duplicated(),
+        spilled: trainer.gradients_spilled,
         wire: wire.read() - wire0,
         kernel_drops: drops0.zip(drops1).map(|(d0, d1)| d1.coordinator.saturating_sub(d0.coordinator)),
         worker_kernel_drops: drops0.zip(drops1).map(|(d0, d1)| d1.workers.saturating_sub(d0.workers)),

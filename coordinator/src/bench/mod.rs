@@ -136,6 +136,14 @@ pub struct CoordinatorArgs {
     /// caps it at net.core.rmem_max.
     #[arg(long, value_name = "KIB")]
     pub recv_buffer_kib: Option<usize>,
+    /// `cluster.reorder_memory_mb` of the benchmark's runs: MB of gradients that arrived ahead of their
+    /// turn kept in memory; beyond it they wait in a temporary file (default: the run default, 1024).
+    #[arg(long, value_name = "MB")]
+    pub reorder_memory_mb: Option<u64>,
+    /// `cluster.receive_memory_mb` of the benchmark's runs: MB of gradients received and decoded at
+    /// once (default: the run default, 1024).
+    #[arg(long, value_name = "MB")]
+    pub receive_memory_mb: Option<u64>,
     /// One JSON object per line for each case (skipped ones carry `skipped`) instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -210,6 +218,15 @@ fn check(args: &CoordinatorArgs) -> Result<(), BenchError> {
             return bad(format!("{name} must be a positive number of GB"));
         }
     }
+    for (name, v) in [("--reorder-memory-mb", args.reorder_memory_mb), ("--receive-memory-mb", args.receive_memory_mb)]
+    {
+        if v.is_some_and(|v| v > metatrain_common::config::MAX_REORDER_MEMORY_MB) {
+            return bad(format!("{name} must be at most {}", metatrain_common::config::MAX_REORDER_MEMORY_MB));
+        }
+    }
+    if args.receive_memory_mb == Some(0) {
+        return bad("--receive-memory-mb must be at least 1".into());
+    }
     for (name, v) in [("--coordinator-threads", args.coordinator_threads), ("--worker-threads", args.worker_threads)] {
         if v.is_some_and(|v| !(1..=1024).contains(&v)) {
             return bad(format!("{name} must be in 1..=1024"));
@@ -223,10 +240,6 @@ fn coordinator(args: &CoordinatorArgs) -> Result<(), BenchError> {
     check(args)?;
     let started = Instant::now();
     let available = available_memory().unwrap_or(FALLBACK_AVAILABLE);
-    let limits = Limits {
-        memory_bytes: args.max_memory_gb.map_or((available as f64 * MEMORY_SHARE) as u64, |g| (g * 1e9) as u64),
-        step_wire_bytes: (args.max_step_gb * 1e9) as u64,
-    };
     let opts = case::Options {
         coordinator_threads: args.coordinator_threads.unwrap_or_else(cores),
         worker_threads: args.worker_threads.unwrap_or_else(cores),
@@ -235,6 +248,18 @@ fn coordinator(args: &CoordinatorArgs) -> Result<(), BenchError> {
             Some(0) => None,
             Some(k) => Some(k * 1024),
         },
+        reorder_memory_mb: args.reorder_memory_mb,
+        receive_memory_mb: args.receive_memory_mb,
+    };
+    let defaults = metatrain_common::config::ClusterConfig::default();
+    let budgets = plan::Budgets {
+        reorder_bytes: args.reorder_memory_mb.unwrap_or(defaults.reorder_memory_mb).saturating_mul(1_000_000),
+        receive_bytes: args.receive_memory_mb.unwrap_or(defaults.receive_memory_mb).saturating_mul(1_000_000),
+    };
+    let limits = Limits {
+        memory_bytes: args.max_memory_gb.map_or((available as f64 * MEMORY_SHARE) as u64, |g| (g * 1e9) as u64),
+        step_wire_bytes: (args.max_step_gb * 1e9) as u64,
+        budgets,
     };
     let planned = plan::cases(
         &args.layouts,

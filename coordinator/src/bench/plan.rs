@@ -22,10 +22,9 @@ pub const BYTES_PER_PARAM: u64 = 4;
 /// the f64 mean `finish` computes from it (2) and the clipped f32 mean (1); plus the benchmark's own
 /// shared gradient (1). (The baseline's two copies are freed before the case starts.)
 const FIXED_COPIES: f64 = 10.0;
-/// Copies per task whose result is in memory at once, in the worst case that every result of a step
-/// arrives before the first is reduced: the received payload (up to 1.3× while its buffer grows by
-/// doubling) and its decoded f32 gradient (1), which waits in the event queue or the collector.
-const COPIES_PER_TASK: f64 = 2.5;
+/// Copies per gradient the coordinator holds while it is received: its decoded values (1), with room
+/// for allocator slack.
+const COPIES_PER_RECEIVED: f64 = 1.25;
 /// QUIC buffers per connection, both sides: the coordinator's send buffer for parameters, its receive
 /// buffer for gradients and the simulated worker's receive buffer, each bounded by the 32 MiB
 /// connection window (see `metatrain_common::net`), or by the message when it is smaller.
@@ -147,12 +146,19 @@ impl Case {
         self.ideal_sent_per_step() + self.ideal_received_per_step()
     }
 
-    /// Estimated peak memory of the whole process (coordinator and simulated workers), in bytes.
-    pub fn memory_estimate(&self) -> u64 {
+    /// Estimated peak memory of the whole process (coordinator and simulated workers), in bytes, when
+    /// the coordinator runs with `budgets`.
+    pub fn memory_estimate(&self, budgets: Budgets) -> u64 {
         let v = self.vector_bytes() as f64;
-        let copies = FIXED_COPIES + COPIES_PER_TASK * self.meta_batch() as f64;
+        // Received at once: the connections the receive budget admits (at least one), each with all its
+        // tasks' streams (a simulated worker sends its results in parallel, and a connection already
+        // receiving is not held back; see `server::ReceiveBudget`).
+        let connections = ((budgets.receive_bytes as f64 / v).floor().max(1.0) as usize).min(self.workers);
+        let receiving = (connections * self.tasks_per_worker).min(self.meta_batch()) as f64;
+        // Waiting for their turn: within the reorder budget, the rest on disk.
+        let waiting = (budgets.reorder_bytes as f64).min(v * self.meta_batch() as f64);
         let per_worker = QUIC_BUFFERS_PER_WORKER * self.vector_bytes().min(CONNECTION_WINDOW) + PER_WORKER_OVERHEAD;
-        (v * copies) as u64 + self.workers as u64 * per_worker
+        (v * (FIXED_COPIES + COPIES_PER_RECEIVED * receiving) + waiting) as u64 + self.workers as u64 * per_worker
     }
 }
 
@@ -185,11 +191,19 @@ impl fmt::Display for Skip {
     }
 }
 
-/// Limits a case must fit.
+/// The coordinator's memory budgets in a case (`cluster.receive_memory_mb`, `cluster.reorder_memory_mb`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budgets {
+    pub receive_bytes: u64,
+    pub reorder_bytes: u64,
+}
+
+/// Limits a case must fit, and the coordinator's budgets its memory is estimated under.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limits {
     pub memory_bytes: u64,
     pub step_wire_bytes: u64,
+    pub budgets: Budgets,
 }
 
 /// Every (size, workers) combination in the order given, each either to run or skipped with the reason.
@@ -213,7 +227,7 @@ pub fn cases(
                 steps: steps.unwrap_or_else(|| default_steps(size.0)),
                 min_seconds,
             };
-            let need = case.memory_estimate();
+            let need = case.memory_estimate(limits.budgets);
             out.push(if need > limits.memory_bytes {
                 Err((case, Skip::Memory { need, limit: limits.memory_bytes }))
             } else if case.wire_per_step() > limits.step_wire_bytes {
@@ -257,15 +271,20 @@ mod tests {
 
     #[test]
     fn cases_over_a_limit_are_skipped_with_the_reason() {
-        let limits = Limits { memory_bytes: 20_000_000_000, step_wire_bytes: 1_500_000_000 };
+        let budgets = Budgets { receive_bytes: 1_000_000_000, reorder_bytes: 1_000_000_000 };
+        let limits = Limits { memory_bytes: 20_000_000_000, step_wire_bytes: 1_500_000_000, budgets };
         let sizes = [Size(10_000), Size(100_000_000)];
         let got = cases(&sizes, &[1, 1000], 2, 1, None, 0.0, limits);
         assert_eq!(got.len(), 4);
         let ok: Vec<(usize, usize)> = got.iter().flatten().map(|c| (c.numel(), c.workers)).collect();
         assert_eq!(ok, [(10_000, 1), (10_000, 1000), (100_000_000, 1)]);
-        // 100M × 1000 workers: 2000 gradients of 400 MB cannot be in memory at once.
+        // 100M × 1000 workers: the budgets bound the gradients in memory, but not the buffers of 1000
+        // connections.
         let Err((c, skip)) = &got[3] else { panic!("100M × 1000 must be skipped") };
         assert!(matches!(skip, Skip::Memory { .. }), "{skip}");
+        let unbounded = Budgets { receive_bytes: u64::MAX, reorder_bytes: u64::MAX };
+        assert!(c.memory_estimate(unbounded) > 2000 * 400_000_000, "without budgets every gradient counts");
+        assert!(c.memory_estimate(budgets) * 5 < c.memory_estimate(unbounded));
         assert_eq!(c.meta_batch(), 2000);
         // The ideal counts the parameters once per worker and one gradient per task.
         assert_eq!(c.ideal_sent_per_step(), 1000 * 400_000_000);

@@ -10,7 +10,7 @@ const MB: f64 = 1e6;
 
 pub fn header() -> String {
     format!(
-        "{:>6} {:>7} {:>6} {:>5} {:>8} {:>9} {:>9} {:>9} {:>6} {:>10} {:>6} {:>10} {:>6} {:>7} {:>5} {:>5}",
+        "{:>6} {:>7} {:>6} {:>5} {:>8} {:>9} {:>9} {:>9} {:>6} {:>10} {:>6} {:>10} {:>6} {:>7} {:>5} {:>5} {:>7}",
         "layout",
         "workers",
         "tasks",
@@ -26,7 +26,8 @@ pub fn header() -> String {
         "×ideal",
         "drops",
         "coord",
-        "sim"
+        "sim",
+        "peak GB"
     )
 }
 
@@ -34,7 +35,7 @@ pub fn row(o: &Outcome) -> String {
     let c = &o.case;
     let agg = o.aggregation_bytes_per_second();
     format!(
-        "{:>6} {:>7} {:>6} {:>5} {:>8} {:>9} {:>9.1} {:>9.1} {:>6.3} {:>10.3} {:>6.3} {:>10.3} {:>6.3} {:>7} {:>5.2} {:>5.2}",
+        "{:>6} {:>7} {:>6} {:>5} {:>8} {:>9} {:>9.1} {:>9.1} {:>6.3} {:>10.3} {:>6.3} {:>10.3} {:>6.3} {:>7} {:>5.2} {:>5.2} {:>7}",
         c.size.to_string(),
         c.workers,
         c.meta_batch(),
@@ -51,6 +52,7 @@ pub fn row(o: &Outcome) -> String {
         o.kernel_drops.map_or("-".to_string(), |d| d.to_string()),
         o.coordinator_cpu_seconds / o.wall_seconds,
         o.workers_cpu_seconds / o.wall_seconds,
+        o.peak_rss_bytes.map_or("-".to_string(), |b| format!("{:.2}", b as f64 / 1e9)),
     )
 }
 
@@ -73,6 +75,9 @@ pub fn remarks(o: &Outcome) -> Option<String> {
     }
     if o.tasks_reassigned > 0 {
         notes.push(format!("{} tasks reassigned", o.tasks_reassigned));
+    }
+    if o.gradients_spilled > 0 {
+        notes.push(format!("{} gradients waited on disk (--reorder-memory-mb)", o.gradients_spilled));
     }
     if o.results_rejected > 0 {
         notes.push(format!("{} results refused (duplicates included)", o.results_rejected));
@@ -119,8 +124,10 @@ pub fn json(o: &Outcome) -> serde_json::Value {
         "tasks_accepted": o.tasks_accepted,
         "tasks_duplicated": o.tasks_duplicated,
         "tasks_reassigned": o.tasks_reassigned,
+        "gradients_spilled": o.gradients_spilled,
         "results_rejected": o.results_rejected,
         "params_finite": o.params_finite,
+        "peak_rss_bytes": o.peak_rss_bytes,
     })
 }
 
@@ -146,4 +153,5 @@ columns: tasks = meta-batch (workers × --tasks-per-worker); step/s = meta-steps
   UDP payload bytes through the coordinator's socket per meta-step (QUIC headers, encryption, ACKs included);
   ×ideal = that over the parameters once per worker (sent) or one gradient per task (recv); drops = datagrams
   the kernel dropped at the coordinator's socket (receive buffer full; QUIC resends them after a loss timer);
-  coord / sim = CPU cores busy in the coordinator's / the simulated workers' runtime (they share the cores).";
+  coord / sim = CPU cores busy in the coordinator's / the simulated workers' runtime (they share the cores);
+  peak GB = the process's peak resident set during the case (coordinator and simulated workers together).";

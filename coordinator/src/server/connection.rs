@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metatrain_common::net::{read_frame, read_result_frame, write_frame, NetError};
+use metatrain_common::net::{read_frame, read_result_head, read_result_payload, write_frame, NetError};
 use metatrain_common::protocol::{Limits, Message};
 use metatrain_common::tensor::Dtype;
 use tokio::sync::mpsc;
 
 use super::handlers::{self, HandlerError};
-use super::{Event, Outbound, ServerContext};
+use super::{Admission, ConnectionReceiving, Event, Outbound, ServerContext};
 
 /// A worker must say Hello this soon after connecting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -183,6 +183,7 @@ async fn handle(conn: quinn::Connection, ctx: Arc<ServerContext>) {
 async fn read_results(conn: &quinn::Connection, ctx: &Arc<ServerContext>, worker: u64) -> Result<String, HandlerError> {
     let limits = Limits::result_stream(ctx.numel as u64 * 4);
     let (errors_tx, mut errors_rx) = mpsc::channel::<HandlerError>(1);
+    let receiving = Arc::new(ConnectionReceiving::default());
     loop {
         tokio::select! {
             stream = conn.accept_uni() => {
@@ -193,17 +194,9 @@ async fn read_results(conn: &quinn::Connection, ctx: &Arc<ServerContext>, worker
                     }
                     Err(e) => return Ok(e.to_string()),
                 };
-                let (ctx, errors_tx) = (ctx.clone(), errors_tx.clone());
+                let (ctx, errors_tx, receiving) = (ctx.clone(), errors_tx.clone(), receiving.clone());
                 tokio::spawn(async move {
-                    let frame =
-                        tokio::time::timeout(RESULT_STREAM_TIMEOUT, read_result_frame(&mut stream, &limits, ctx.numel)).await;
-                    let outcome = match frame {
-                        Err(_) => Err(HandlerError::Protocol("result stream too slow".into())),
-                        Ok(Err(e)) => Err(HandlerError::Protocol(e.to_string())),
-                        Ok(Ok(None)) => Err(HandlerError::Protocol("empty result stream".into())),
-                        Ok(Ok(Some(frame))) => handlers::dispatch(&ctx, worker, frame).await,
-                    };
-                    if let Err(e) = outcome {
+                    if let Err(e) = read_result_stream(&mut stream, &limits, &ctx, &receiving, worker).await {
                         let _ = errors_tx.try_send(e);
                     }
                 });
@@ -211,4 +204,43 @@ async fn read_results(conn: &quinn::Connection, ctx: &Arc<ServerContext>, worker
             Some(e) = errors_rx.recv() => return Err(e),
         }
     }
+}
+
+/// One result stream: its header, then (within the receive budget) its payload, then its handler.
+async fn read_result_stream(
+    stream: &mut quinn::RecvStream,
+    limits: &Limits,
+    ctx: &ServerContext,
+    receiving: &Arc<ConnectionReceiving>,
+    worker: u64,
+) -> Result<(), HandlerError> {
+    let too_slow = |_| HandlerError::Protocol("result stream too slow".into());
+    let protocol = |e: NetError| HandlerError::Protocol(e.to_string());
+    let head = tokio::time::timeout(RESULT_STREAM_TIMEOUT, read_result_head(stream, limits)).await.map_err(too_slow)?;
+    let (message, payload_len) =
+        head.map_err(protocol)?.ok_or_else(|| HandlerError::Protocol("empty result stream".into()))?;
+    // Reserved before the payload is read, for the gradient as decoded (f32), whatever the wire dtype.
+    // The wait is not the worker's doing, so it is not timed.
+    let admission = match payload_len {
+        0 => None,
+        _ => Some(ctx.receive_budget.admit(receiving, ctx.numel as u64 * 4).await.ok_or(HandlerError::Shutdown)?),
+    };
+    let frame =
+        tokio::time::timeout(RESULT_STREAM_TIMEOUT, read_result_payload(stream, message, payload_len, ctx.numel))
+            .await
+            .map_err(too_slow)?
+            .map_err(protocol)?;
+    // The stream is read: its connection's other streams wait for the budget again.
+    let permit = match admission {
+        Some(Admission::Reserved(permit, reading)) => {
+            drop(reading);
+            Some(permit)
+        }
+        Some(Admission::Riding(reading)) => {
+            drop(reading);
+            None
+        }
+        None => None,
+    };
+    handlers::dispatch(ctx, worker, frame, permit).await
 }

@@ -9,7 +9,7 @@ use metatrain_common::net::DecodedFrame;
 use metatrain_common::protocol::Message;
 use thiserror::Error;
 
-use super::ServerContext;
+use super::{ReceivePermit, ServerContext};
 
 #[derive(Debug, Error)]
 pub enum HandlerError {
@@ -22,10 +22,16 @@ pub enum HandlerError {
 }
 
 /// Routes a frame from a result stream to its handler.
-pub async fn dispatch(ctx: &ServerContext, worker: u64, frame: DecodedFrame) -> Result<(), HandlerError> {
+/// `permit`: the receive budget a gradient payload holds (see [`super::ReceiveBudget`]).
+pub async fn dispatch(
+    ctx: &ServerContext,
+    worker: u64,
+    frame: DecodedFrame,
+    permit: Option<ReceivePermit>,
+) -> Result<(), HandlerError> {
     metrics::counter!("metatrain_received_bytes_total").increment(frame.payload_len);
     match frame.message {
-        Message::Result(result) => result::handle(ctx, worker, result, frame.gradient).await,
+        Message::Result(result) => result::handle(ctx, worker, result, frame.gradient, permit).await,
         Message::TaskFailed { id, version, reason } => task_failed::handle(ctx, worker, id, version, reason).await,
         other => Err(HandlerError::Protocol(format!("a worker may not send {} on a result stream", other.kind()))),
     }
