@@ -6,8 +6,12 @@
 //! waits until every lower index is in), so the sum — and hence the parameters — is bitwise the same
 //! whatever the arrival order, the number of workers or reassignments. Sums are taken in f64. With a
 //! `[defence]` that needs every gradient at once (outlier quarantine, trimmed mean, median) the collector
-//! holds the batch's gradients and hands them, in index order, to [`crate::defence`] at the end; that
-//! costs meta_batch × parameters × 4 bytes of memory, where the plain mean needs one f64 sum.
+//! holds the batch's gradients and hands them, in index order, to [`crate::defence`] at the end.
+//!
+//! Memory: a waiting (or held) gradient stays in memory while the waiting ones fit
+//! `cluster.reorder_memory_mb`, and goes to a [`SpillStore`] (an unlinked file) beyond that; it is read
+//! back a chunk at a time when its turn comes ([`crate::spill`]). The additions happen in the same order
+//! either way, so spilling never changes a bit of the result. The collector does no I/O itself.
 
 use std::collections::BTreeMap;
 

@@ -57,6 +57,14 @@ pub fn describe() {
         Unit::Seconds,
         "QUIC round-trip time to workers, sampled every 5 s per connection."
     );
+    describe_counter!(
+        "metatrain_gradients_spilled_total",
+        "Gradients that waited for their turn in the in-order reduction on disk, beyond cluster.reorder_memory_mb."
+    );
+    describe_gauge!(
+        "metatrain_result_streams_waiting",
+        "Result streams whose payload waits for room under cluster.receive_memory_mb (their workers are held by flow control)."
+    );
     describe_counter!("metatrain_sent_bytes_total", Unit::Bytes, "Parameter payload bytes sent to workers.");
     describe_counter!("metatrain_received_bytes_total", Unit::Bytes, "Result payload bytes received from workers.");
     describe_gauge!("metatrain_params_version", "Parameter version (meta-steps applied so far).");
@@ -127,6 +135,7 @@ pub fn init_counters() {
         "metatrain_meta_steps_skipped_total",
         "metatrain_sent_bytes_total",
         "metatrain_received_bytes_total",
+        "metatrain_gradients_spilled_total",
     ] {
         metrics::counter!(name).absolute(0);
     }

@@ -60,6 +60,8 @@ pub struct Report {
     pub tasks_reassigned: u64,
     /// Duplicate copies of straggling tasks launched (this process only; not carried across a resume).
     pub tasks_duplicated: u64,
+    /// Gradients that waited for their turn on disk, beyond `cluster.reorder_memory_mb` (this process only).
+    pub gradients_spilled: u64,
     pub results_rejected: u64,
     pub max_workers: usize,
     /// Payload bytes sent (parameters) and received (accepted gradients), and their sum per meta-step

@@ -427,6 +427,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
         tasks_completed: trainer.tasks_completed,
         tasks_reassigned: trainer.tasks_reassigned(),
         tasks_duplicated: trainer.tasks_duplicated(),
+        gradients_spilled: trainer.gradients_spilled,
         results_rejected: trainer.results_rejected,
         max_workers: trainer.max_workers,
         wire: WireReport {

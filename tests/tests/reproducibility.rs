@@ -27,6 +27,17 @@ fn same_parameters_with_one_or_three_workers_and_with_a_killed_worker() {
     let three = sha_of_run(&dir.join("three"), 3);
     assert_eq!(one, three, "1 worker vs 3 workers");
 
+    // With no memory for waiting gradients (every one that arrives ahead of its turn goes to disk) and
+    // 1 MB for receiving (one connection's results at a time), the parameters are the same bits.
+    let tight = dir.join("tight");
+    let mut run = train(&tight, 3);
+    run.args(["--set", "cluster.reorder_memory_mb=0", "--set", "cluster.receive_memory_mb=1"]);
+    let (status, _) = Proc::spawn(&mut run, "metatrain").finish(Duration::from_secs(300));
+    assert!(status.success());
+    let r = read_report(&tight);
+    assert_eq!(r["params_sha256"].as_str(), Some(one.as_str()), "spilling changes nothing");
+    assert!(r["gradients_spilled"].as_u64().is_some_and(|n| n > 0), "three workers: some results wait: {r}");
+
     // Three external workers; one is killed with SIGKILL once the run is under way.
     let mut coord = Proc::spawn(&mut train(&dir.join("killed"), 0), "coordinator");
     let metrics = coord.wait_for(Duration::from_secs(30), metrics_address);

@@ -221,9 +221,20 @@ async fn read_result_stream(
         head.map_err(protocol)?.ok_or_else(|| HandlerError::Protocol("empty result stream".into()))?;
     // Reserved before the payload is read, for the gradient as decoded (f32), whatever the wire dtype.
     // The wait is not the worker's doing, so it is not timed.
-    let admission = match payload_len {
-        0 => None,
-        _ => Some(ctx.receive_budget.admit(receiving, ctx.numel as u64 * 4).await.ok_or(HandlerError::Shutdown)?),
+    // Only a `Result` may carry a payload (`read_result_head` checked that).
+    let task = match &message {
+        Message::Result(r) if payload_len > 0 => Some(r.id),
+        _ => None,
+    };
+    let admission = match task {
+        None => None,
+        Some(task) => {
+            let waiting = metrics::gauge!("metatrain_result_streams_waiting");
+            waiting.increment(1.0);
+            let admission = ctx.receive_budget.admit(receiving, task, ctx.numel as u64 * 4).await;
+            waiting.decrement(1.0);
+            Some(admission)
+        }
     };
     let frame =
         tokio::time::timeout(RESULT_STREAM_TIMEOUT, read_result_payload(stream, message, payload_len, ctx.numel))

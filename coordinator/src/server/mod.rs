@@ -5,8 +5,11 @@
 //! has its own handler in [`handlers`]. A bad frame closes that worker's connection with a reason; it
 //! never reaches the training loop's state.
 
+mod budget;
 mod connection;
 pub mod handlers;
+
+pub use budget::{Admission, ConnectionReceiving, ReceiveBudget, ReceivePermit};
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -165,181 +168,9 @@ pub struct ServerContext {
     pub receive_budget: ReceiveBudget,
 }
 
-/// A reservation in [`ReceiveBudget`].
-pub type ReceivePermit = tokio::sync::OwnedSemaphorePermit;
-
-/// Bytes per permit of [`ReceiveBudget`] (1 MB): a semaphore counts in `u32`s.
-const BUDGET_UNIT: u64 = 1_000_000;
-
-/// Bounds the memory that gradients take between their first byte and the training loop
-/// (`cluster.receive_memory_mb`). A result stream reserves its decoded size before reading the payload;
-/// while it waits its stream is not read, so QUIC's flow control stops the worker after one stream
-/// window, and many workers returning 400 MB gradients at once do not hold 400 MB each in the
-/// coordinator. A gradient larger than the whole budget reserves all of it (one at a time).
-///
-/// The unit of waiting is the connection, not the stream: unread streams of one connection share its
-/// QUIC receive window (32 MiB), so a stream left waiting behind its own connection's active stream
-/// could starve it. Once one stream of a connection holds a reservation, that connection's other
-/// result streams are read at once, beyond the budget ([`Admission::Riding`]). The real worker sends
-/// one result at a time, so this only lets a worker that sends several at once exceed the budget by
-/// what it sends in parallel.
-#[derive(Debug, Clone)]
-pub struct ReceiveBudget {
-    permits: Arc<tokio::sync::Semaphore>,
-    units: u32,
-}
-
-/// One connection's result streams that are reading a payload now.
-#[derive(Debug, Default)]
-pub struct ConnectionReceiving {
-    reading: std::sync::Mutex<usize>,
-    admitted: tokio::sync::Notify,
-}
-
-impl ConnectionReceiving {
-    fn count(&self) -> std::sync::MutexGuard<'_, usize> {
-        // The count is a plain integer: a panic elsewhere cannot leave it half-written.
-        self.reading.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Marks a stream as reading its payload until dropped.
-#[derive(Debug)]
-pub struct Reading(Arc<ConnectionReceiving>);
-
-impl Drop for Reading {
-    fn drop(&mut self) {
-        *self.0.count() -= 1;
-    }
-}
-
-/// Why a result stream may read its payload now.
-#[derive(Debug)]
-pub enum Admission {
-    /// Within the budget: the permit goes with the gradient to the training loop.
-    Reserved(ReceivePermit, Reading),
-    /// Its connection is already reading another payload (see [`ReceiveBudget`]).
-    Riding(Reading),
-}
-
-impl ReceiveBudget {
-    pub fn new(bytes: u64) -> ReceiveBudget {
-        let units = (bytes / BUDGET_UNIT).clamp(1, u32::MAX as u64) as u32;
-        ReceiveBudget { permits: Arc::new(tokio::sync::Semaphore::new(units as usize)), units }
-    }
-
-    /// Waits until `bytes` (rounded up to whole units, at most the whole budget) are free, and holds them.
-    /// `None` only if the budget were closed (it never is).
-    pub async fn reserve(&self, bytes: u64) -> Option<ReceivePermit> {
-        let want = bytes.div_ceil(BUDGET_UNIT).clamp(1, self.units as u64) as u32;
-        self.permits.clone().acquire_many_owned(want).await.ok()
-    }
-
-    /// Lets a stream of `connection` read a payload of `bytes` (decoded): at once if the connection is
-    /// reading another, else when the budget has room.
-    pub async fn admit(&self, connection: &Arc<ConnectionReceiving>, bytes: u64) -> Option<Admission> {
-        let reading = || Reading(connection.clone());
-        loop {
-            // Registered before the count is read, so that an admission in between is not missed.
-            let admitted = connection.admitted.notified();
-            tokio::pin!(admitted);
-            admitted.as_mut().enable();
-            {
-                let mut n = connection.count();
-                if *n > 0 {
-                    *n += 1;
-                    return Some(Admission::Riding(reading()));
-                }
-            }
-            tokio::select! {
-                permit = self.reserve(bytes) => {
-                    *connection.count() += 1;
-                    connection.admitted.notify_waiters();
-                    return Some(Admission::Reserved(permit?, reading()));
-                }
-                _ = &mut admitted => continue,
-            }
-        }
-    }
-
-    /// Units (MB) free now.
-    pub fn available_mb(&self) -> usize {
-        self.permits.available_permits()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_connection_already_reading_is_not_left_waiting_behind_itself() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        rt.block_on(async {
-            let mb = BUDGET_UNIT;
-            let budget = ReceiveBudget::new(1000 * mb);
-            let (a, b) = (Arc::new(ConnectionReceiving::default()), Arc::new(ConnectionReceiving::default()));
-            let first = budget.admit(&a, 800 * mb).await.unwrap();
-            assert!(matches!(first, Admission::Reserved(..)));
-            // A's second stream rides along, beyond the budget; B's first waits for room.
-            let second = budget.admit(&a, 800 * mb).await.unwrap();
-            assert!(matches!(second, Admission::Riding(_)));
-            let wait = std::time::Duration::from_millis(50);
-            let waiting = budget.admit(&b, 800 * mb);
-            tokio::pin!(waiting);
-            assert!(tokio::time::timeout(wait, waiting.as_mut()).await.is_err(), "B must wait");
-            drop(second);
-            assert!(tokio::time::timeout(wait, waiting.as_mut()).await.is_err(), "A still holds the budget");
-            // The permit travels with the gradient: only when it is given back does B get room.
-            let Admission::Reserved(permit, reading) = first else { unreachable!() };
-            drop(reading);
-            assert!(tokio::time::timeout(wait, waiting.as_mut()).await.is_err(), "the gradient still holds it");
-            drop(permit);
-            let got = tokio::time::timeout(wait, waiting).await.expect("room now").unwrap();
-            assert!(matches!(got, Admission::Reserved(..)));
-            // Two of one connection waiting at once: when one is admitted, the other rides at once.
-            let c = Arc::new(ConnectionReceiving::default());
-            let (x, y, ()) = tokio::join!(
-                async {
-                    let r = budget.admit(&c, 800 * mb).await.unwrap();
-                    tokio::time::sleep(wait).await;
-                    r
-                },
-                async { budget.admit(&c, 800 * mb).await.unwrap() },
-                async {
-                    tokio::time::sleep(wait).await;
-                    drop(got);
-                }
-            );
-            let kinds = [&x, &y].map(|r| matches!(r, Admission::Reserved(..)));
-            assert_eq!(kinds.iter().filter(|k| **k).count(), 1, "one reserves, the other rides: {x:?} {y:?}");
-        });
-    }
-
-    #[test]
-    fn the_receive_budget_gives_out_no_more_than_it_has() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        rt.block_on(async {
-            let mb = BUDGET_UNIT;
-            let budget = ReceiveBudget::new(1000 * mb);
-            let first = budget.reserve(600 * mb).await.unwrap();
-            assert_eq!(budget.available_mb(), 400);
-            // One byte takes a whole unit.
-            let small = budget.reserve(1).await.unwrap();
-            assert_eq!(budget.available_mb(), 399);
-            // A second large gradient waits until the first is given back.
-            let wait = std::time::Duration::from_millis(50);
-            assert!(tokio::time::timeout(wait, budget.reserve(600 * mb)).await.is_err(), "over the budget");
-            drop(first);
-            let second = tokio::time::timeout(wait, budget.reserve(600 * mb)).await.expect("room again").unwrap();
-            drop((second, small));
-            // One larger than the whole budget takes all of it, so it is received alone.
-            let huge = budget.reserve(5000 * mb).await.unwrap();
-            assert_eq!(budget.available_mb(), 0);
-            drop(huge);
-            assert_eq!(budget.available_mb(), 1000);
-        });
-    }
 
     #[test]
     fn a_name_over_its_limit_closes_its_oldest_connection() {
