@@ -383,7 +383,11 @@ impl BatchCollector {
         let mut scores = Vec::new();
         let held = self.held.take();
         let reduced: Option<Vec<f64>> = match (self.grad_sum.take(), held, defence) {
-            (Some(sum), _, _) => Some(sum.iter().map(|s| s / n).collect()),
+            // In place: at 100M parameters another f64 vector would be 800 MB.
+            (Some(mut sum), _, _) => {
+                sum.iter_mut().for_each(|s| *s /= n);
+                Some(sum)
+            }
             (None, Some(held), Some((cfg, window))) => {
                 let batch: Vec<TaskStats> = (self.pre.iter().zip(&self.post).zip(&self.norms))
                     .map(|((&pre_loss, &post_loss), &grad_norm)| TaskStats { pre_loss, post_loss, grad_norm })

@@ -49,6 +49,30 @@ fn out_of_range_values_are_refused_before_they_can_overflow_or_starve() {
 }
 
 #[test]
+fn memory_budgets_are_checked_and_do_not_block_a_resume() {
+    for (bad, key) in [
+        ("cluster.receive_memory_mb=0", "cluster.receive_memory_mb"),
+        ("cluster.receive_memory_mb=2000000000", "cluster.receive_memory_mb"),
+        ("cluster.reorder_memory_mb=2000000000", "cluster.reorder_memory_mb"),
+        ("cluster.reorder_memory_mb=-1", "reorder_memory_mb"),
+        ("cluster.spill_dir=\"\"", "cluster.spill_dir"),
+    ] {
+        let e = Config::from_toml_with_overrides("", &[bad.to_string()]).unwrap_err();
+        assert!(e.to_string().contains(key), "{bad}: {e}");
+    }
+    let c = Config::from_toml_with_overrides(
+        "",
+        &["cluster.reorder_memory_mb=0".into(), "cluster.spill_dir=\"/var/tmp/mt\"".into()],
+    )
+    .unwrap();
+    assert_eq!(c.cluster.reorder_memory_bytes(), 0);
+    assert_eq!(c.cluster.spill_folder(), std::path::PathBuf::from("/var/tmp/mt"));
+    assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    // Where gradients wait does not change the parameters, so a resumed run may change it.
+    assert!(Config::default().resume_conflicts(&c).is_empty());
+}
+
+#[test]
 fn a_task_override_on_the_default_keeps_the_default_distribution() {
     let c = Config::from_toml_with_overrides("", &["task.support=20".into()]).unwrap();
     assert_eq!(c.task, TaskConfig::Sinusoid(RegressionTaskConfig { support: 20, query: 10 }));
