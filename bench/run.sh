@@ -4,8 +4,11 @@
 #                loop, torch.func.vmap) on the same models, task shapes and inner loops, 1 thread each;
 #   scaling      meta-steps/s of `metatrain train` (sinusoid: coordinator-bound; noisy-linear MAML with 5
 #                inner steps: compute-bound) with 1, 2 and 4 local worker processes (vs 1);
-#   coordinator  `metatrain bench coordinator`: the coordinator alone against simulated workers.
-# Usage: bench/run.sh [worker] [scaling] [coordinator]   (default: all three)
+#   coordinator  `metatrain bench coordinator`: the coordinator alone against simulated workers;
+#   wire         `metatrain bench wire`: QUIC flow-control windows against round-trip time;
+#   memory       the coordinator's peak memory at 100M parameters, with and without its memory budgets
+#                (not in the default set: ~7 minutes, up to 10 GB).
+# Usage: bench/run.sh [worker] [scaling] [coordinator] [wire] [memory]   (default: the first four)
 # Environment: BENCH_SECONDS (per measurement, default 3), BENCH_TASKS (tasks per round, default 32),
 #   BENCH_PYTHON (a python with torch 2.11.0; default: a venv made once under $METATRAIN_CACHE/torch-full,
 #   a ~2.6 GB download). Results (JSON lines) go to target/bench/. Run it on an otherwise idle machine.
@@ -21,7 +24,7 @@ mkdir -p "$out"
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(worker scaling coordinator wire)
 for s in "${sections[@]}"; do
-  case "$s" in worker | scaling | coordinator | wire) ;; *) echo "error: unknown section $s (worker, scaling, coordinator, wire)" >&2; exit 2 ;; esac
+  case "$s" in worker | scaling | coordinator | wire | memory) ;; *) echo "error: unknown section $s (worker, scaling, coordinator, wire, memory)" >&2; exit 2 ;; esac
 done
 
 scripts/setup.sh >&2
@@ -99,6 +102,23 @@ run_coordinator() {
   echo
   echo "== coordinator alone, simulated workers"
   metatrain bench coordinator
+}
+
+# Not in the default set (about 7 minutes and up to 10 GB): the coordinator's peak memory at 100M
+# parameters as the meta-batch grows, without binding budgets (the behaviour before them), with the
+# default cluster.receive_memory_mb / reorder_memory_mb, and with tight ones.
+run_memory() {
+  local name opts
+  for run in "unbounded:--reorder-memory-mb 1000000 --receive-memory-mb 1000000" "defaults:" \
+    "tight:--reorder-memory-mb 0 --receive-memory-mb 400"; do
+    name="${run%%:*}"
+    opts="${run#*:}"
+    echo
+    echo "== coordinator memory at 100M parameters: $name budgets ${opts:-(defaults)}"
+    # shellcheck disable=SC2086 # $opts is a list of options
+    metatrain bench coordinator --layouts 100m --workers 1,4,8 --tasks-per-worker 2 --warmup 1 --steps 2 \
+      --min-seconds 0 --max-step-gb 10 --max-memory-gb 20 $opts
+  done
 }
 
 run_wire() {
