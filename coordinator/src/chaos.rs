@@ -5,9 +5,12 @@
 //!
 //! A task is lost when the run needed it (its count follows from the config: meta-steps × meta-batch
 //! plus every evaluation's tasks) and no accepted result covers it. A coordinator waits for every task
-//! of a step, so a lost task shows as a run that stalls: the chaos run gets [`STALL_FACTOR`] times the
-//! reference run's wall time (at least [`MIN_DEADLINE`]); past that it is stopped and its missing tasks
-//! are counted as lost.
+//! of a step, so a lost task shows as a run that stalls: when no meta-step has finished (no new row in
+//! the chaos run's `metrics.csv`) for [`STALL_FACTOR`] times the reference run's wall time (at least
+//! [`MIN_DEADLINE`]), the run is stopped and its missing tasks are counted as lost. A run that is slow
+//! but moving (kills so frequent that workers barely start) is not cut short.
+//!
+//! A chaos run that finishes before the first kill tested nothing: the command says so and fails.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -22,8 +25,9 @@ use rand::Rng;
 
 use crate::local::find_worker_binary;
 
-/// The chaos run may take this many times the reference run's wall time (restarts cost a libtorch
-/// start-up each, and a killed worker's tasks wait for their reassignment) before it counts as stalled.
+/// The chaos run may go this many times the reference run's wall time without finishing a meta-step
+/// (restarts cost a libtorch start-up each, and a killed worker's tasks wait for their reassignment)
+/// before it counts as stalled.
 const STALL_FACTOR: f64 = 5.0;
 /// ... but never less than this, so that short runs are not judged on start-up noise.
 const MIN_DEADLINE: Duration = Duration::from_secs(120);
@@ -160,13 +164,24 @@ pub fn run(args: ChaosArgs) -> Result<()> {
     let mut kills = 0u64;
     let mut next_kill = Instant::now() + Duration::from_secs_f64(args.kill_every * rng.gen_range(0.5..1.5));
     let started = Instant::now();
+    let progress_file = chaos_out.join("metrics.csv");
+    let (mut progress, mut last_progress) = (0u64, Instant::now());
     let status = loop {
         while rx.try_recv().is_ok() {}
         if let Some(s) = coord.try_wait()? {
             break Some(s);
         }
-        if started.elapsed() > allowed {
-            eprintln!("chaos: the run made no progress within {allowed:?}; stopping it");
+        let rows = std::fs::metadata(&progress_file).map(|m| m.len()).unwrap_or(0);
+        if rows != progress {
+            (progress, last_progress) = (rows, Instant::now());
+        }
+        if last_progress.elapsed() > allowed {
+            eprintln!(
+                "chaos: no meta-step finished within {:.0}s (a task was lost, or workers killed every ~{}s cannot \
+                 start and finish one); stopping it",
+                allowed.as_secs_f64(),
+                args.kill_every
+            );
             let _ = coord.kill();
             let _ = coord.wait();
             break None;
@@ -194,6 +209,14 @@ pub fn run(args: ChaosArgs) -> Result<()> {
     };
     if !status.success() {
         bail!("the chaos run failed ({status})");
+    }
+    if kills == 0 {
+        bail!(
+            "the chaos run finished in {:.1}s, before the first kill, so nothing was tested: lower --kill-every \
+             (now {}s) or raise --steps",
+            started.elapsed().as_secs_f64(),
+            args.kill_every
+        );
     }
     let chaos = report(&chaos_out)?;
     let completed = chaos["tasks_completed"].as_u64().unwrap_or(0);
