@@ -193,8 +193,9 @@ fn conv4(params: &[Tensor], x: &Tensor, precision: ComputeDtype) -> Tensor {
             // number of groups (measured: ~2e-6), making a task's result depend on its batch.
             conv_as_matmul(&h, &p[0], &p[1], precision)
         } else {
-            // 64 channels per task: grouped convolution is batch-invariant here (tested) and 1.5× faster
-            // than patches × weights (measured on conv4 MAML, 16 tasks).
+            // 64 channels per task: grouped convolution is 1.5× faster than patches × weights (measured
+            // on conv4 MAML, 16 tasks). Batch-invariant on some CPUs, not all (a lone task ~6e-7 off on
+            // AMD Zen, tested to tolerance); CPU workers compute conv4 per task, so only GPUs run this.
             let w = p[0].size(); // [T, out, in, 3, 3]
             low(&h, precision).conv2d(
                 &low(&p[0].reshape([tasks * w[1], w[2], w[3], w[4]]), precision),

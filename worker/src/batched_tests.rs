@@ -110,7 +110,12 @@ fn batched_equals_per_task_loop_in_f32() {
 }
 
 /// A task's f32 result is bitwise the same alone, in a batch of 3 and in a batch of 8 (at any position),
-/// with one intra-op thread as the worker runs by default (more threads split work by size).
+/// with one intra-op thread as the worker runs by default (more threads split work by size), for the
+/// models a CPU worker batches (mlp, mlp-ln). conv4 is batched only on GPUs (a CPU worker computes it
+/// one task at a time, `compute.rs`); on a CPU its grouped convolutions are batch-invariant or not
+/// depending on the kernels oneDNN picks for the instruction set (bitwise on the Intel Xeon of the
+/// first measurements, not on an AMD Zen one, where a lone task differs by ~6e-7 relative), so conv4
+/// is held to float tolerance.
 #[test]
 fn a_tasks_result_does_not_depend_on_its_batch() {
     tch::set_num_threads(1);
@@ -151,10 +156,24 @@ fn a_tasks_result_does_not_depend_on_its_batch() {
         let all = grads(&tasks);
         let alone = grads(&tasks[5..6]);
         let three = grads(&tasks[4..7]);
-        assert_eq!(all[5], alone[0], "{:?}: task 5 alone differs from task 5 in a batch of 8", spec.kind);
-        assert_eq!(all[5], three[1], "{:?}: task 5 in a batch of 3 differs from a batch of 8", spec.kind);
-        assert_eq!(all[4], three[0], "{:?}: task 4 in a batch of 3 differs from a batch of 8", spec.kind);
-        println!("{:?}: results bitwise equal alone, in 3 and in 8", spec.kind);
+        let pairs = [
+            ("task 5 alone", &alone[0], &all[5]),
+            ("task 5 in 3", &three[1], &all[5]),
+            ("task 4 in 3", &three[0], &all[4]),
+        ];
+        if spec.kind == ModelKind::Conv4 {
+            for (what, a, b) in pairs {
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = a.iter().zip(b.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+                assert!(worst < 1e-5, "Conv4: {what} differs from its batch of 8 by {worst:e} relative");
+                println!("Conv4: {what} vs in 8: max rel diff {worst:.1e}{}", if a == b { " (bitwise)" } else { "" });
+            }
+        } else {
+            for (what, a, b) in pairs {
+                assert_eq!(a, b, "{:?}: {what} differs from its batch of 8", spec.kind);
+            }
+            println!("{:?}: results bitwise equal alone, in 3 and in 8", spec.kind);
+        }
     }
 }
 
