@@ -5,6 +5,7 @@
 //! - [`config`]: the run configuration (TOML) with `validate()`; one struct the whole run reads.
 //! - [`task`]: task specs and distributions (sinusoid, noisy-linear, Omniglot, image folders); a task's data is a pure
 //!   function of (config, spec), with every random draw from [`rng`]'s keyed streams.
+//! - [`datadir`]: where the data sets live when nothing says (checks that directories exist).
 //! - [`omniglot`]: the Omniglot `.npz` reader and the 105→28 area resize.
 //! - [`images`]: a folder of the user's PNG images as classes (any size, area-resized to 28×28), for
 //!   `images` tasks and `adapt`; the one module that reads files itself (listing the folder, opening each
@@ -19,6 +20,7 @@
 //! frames → worker `task::generate` → meta-gradient `tensor` payload → coordinator.
 
 pub mod config;
+pub mod datadir;
 pub mod images;
 pub mod layout;
 pub mod lora;

@@ -118,7 +118,7 @@ fn adapt_predicts_a_new_regression_task_from_a_csv_and_scores_it() {
 /// support classes with their one training image each, and their test images as labelled queries.
 fn lake_folders(dir: &Path, classes: usize) {
     use std::io::Read;
-    let zip_path = root().join("../shared/data/omniglot/all_runs.zip");
+    let zip_path = metatrain_common::datadir::omniglot_file_for_tests("all_runs.zip").expect("the Omniglot data");
     let mut z = zip::ZipArchive::new(std::fs::File::open(&zip_path).expect("all_runs.zip")).expect("zip");
     let mut read = |name: &str| {
         let mut v = Vec::new();

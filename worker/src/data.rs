@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use metatrain_common::config::{Config, ImagesTaskConfig, Schedule, TaskConfig};
+use metatrain_common::datadir;
 use metatrain_common::images::ImageSplits;
 use metatrain_common::layout::sha256_hex;
 use metatrain_common::omniglot::{alphabets, OmniglotSet};
@@ -21,20 +22,11 @@ use metatrain_common::task::Datasets;
 
 /// Resolves the data directory (see the module doc). `None` when nothing plausible exists.
 pub fn resolve_data_dir(flag: Option<&Path>) -> Option<PathBuf> {
-    if let Some(p) = flag {
-        return Some(p.to_path_buf());
-    }
-    if let Some(p) = std::env::var_os("METATRAIN_DATA_DIR") {
-        return Some(PathBuf::from(p));
-    }
-    let mut candidates = vec![PathBuf::from("shared/data"), PathBuf::from("../shared/data")];
+    let mut roots = vec![PathBuf::from(".")];
     if let Ok(exe) = std::env::current_exe() {
-        for dir in exe.ancestors().skip(1).take(5) {
-            candidates.push(dir.join("shared/data"));
-            candidates.push(dir.join("../shared/data"));
-        }
+        roots.extend(exe.ancestors().skip(1).take(5).map(Path::to_path_buf));
     }
-    candidates.into_iter().find(|c| c.join("omniglot").is_dir())
+    datadir::resolve(flag, &roots)
 }
 
 /// Loads what `config`'s task distribution needs.

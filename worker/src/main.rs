@@ -99,7 +99,8 @@ struct RunArgs {
     /// over them round robin, so one process can drive several GPUs.
     #[arg(long, default_value = "cpu", value_parser = parse_device, value_delimiter = ',')]
     device: Vec<Device>,
-    /// Directory holding `omniglot/` (default: $METATRAIN_DATA_DIR, then ../shared/data near the checkout).
+    /// Directory holding `omniglot/` (default: $METATRAIN_DATA_DIR, then shared/data or ../shared/data
+    /// under the current directory or the binary's checkout).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Where to serve Prometheus /metrics (`none` to disable). Port 0 picks a free port, printed at start.

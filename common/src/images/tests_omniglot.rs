@@ -10,21 +10,15 @@ use crate::config::{Config, ImagesTaskConfig, ModelKind, TaskConfig};
 use crate::omniglot::{OmniglotSet, DRAWERS, SIDE};
 use crate::task::{generate, Datasets, Split, Targets, TaskSpec};
 
-/// The official PNG subset (the crate sits at `<root>/main/common`, the data at `<root>/shared`).
-const SMALL1: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/omniglot/images_background_small1.zip");
+/// The official PNG subset (found by [`crate::datadir::for_tests`]).
+const SMALL1: &str = "images_background_small1.zip";
 /// The background split as arrays.
-const BACKGROUND: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/omniglot/images_background.npz");
+const BACKGROUND: &str = "images_background.npz";
 
 /// Extracts the PNG subset into a scratch directory; returns it and the root of the classes, or `None`
 /// (with a note) where the data is not available.
 fn extract_small1(name: &str) -> Option<(Scratch, PathBuf)> {
-    let file = match File::open(SMALL1) {
-        Ok(f) => f,
-        Err(e) => {
-            println!("SKIPPED: cannot open {SMALL1} ({e}); the Omniglot data is not available here");
-            return None;
-        }
-    };
+    let file = File::open(crate::datadir::omniglot_file_for_tests(SMALL1)?).expect("small1 zip opens");
     let scratch = Scratch::new(name);
     zip::ZipArchive::new(BufReader::new(file)).expect("small1 zip").extract(&scratch.0).expect("extract");
     let root = scratch.path("images_background_small1");
@@ -43,10 +37,8 @@ fn omniglot_pngs_load_as_the_npz_images() {
     assert!(folder.classes().windows(2).all(|w| w[0] < w[1]), "sorted by name");
     let alphabets: std::collections::BTreeSet<u32> = (0..136).map(|c| folder.group_of(c)).collect();
     assert_eq!(alphabets.len(), 5, "one group per alphabet");
-    let npz = match File::open(BACKGROUND) {
-        Ok(f) => OmniglotSet::from_npz(BufReader::new(f)).expect("background npz"),
-        Err(e) => return println!("SKIPPED the pixel comparison: cannot open {BACKGROUND} ({e})"),
-    };
+    let Some(path) = crate::datadir::omniglot_file_for_tests(BACKGROUND) else { return };
+    let npz = OmniglotSet::from_npz(BufReader::new(File::open(path).expect("open"))).expect("background npz");
     let mut worst = 0.0f32;
     let mut compared = 0;
     for c in 0..folder.n_classes() {

@@ -91,11 +91,8 @@ mod tests {
 
     #[test]
     fn the_shipped_file_covers_both_splits() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/omniglot/alphabets.tsv");
-        let Ok(text) = std::fs::read_to_string(path) else {
-            eprintln!("skipped: {path} not found");
-            return;
-        };
+        let Some(path) = crate::datadir::omniglot_file_for_tests("alphabets.tsv") else { return };
+        let text = std::fs::read_to_string(&path).expect("alphabets.tsv reads");
         let bg = parse(&text, "background", 964).unwrap();
         let ev = parse(&text, "evaluation", 659).unwrap();
         assert_eq!(bg.iter().max(), Some(&29));

@@ -7,22 +7,13 @@ use sha2::{Digest, Sha256};
 use super::*;
 use crate::omniglot::{alphabets, DRAWERS, PIXELS};
 
-/// The real data's directory: `$METATRAIN_DATA_DIR/omniglot`, else `<checkout>/../shared/data/omniglot`.
-fn data_dir() -> std::path::PathBuf {
-    match std::env::var_os("METATRAIN_DATA_DIR") {
-        Some(d) => std::path::PathBuf::from(d).join("omniglot"),
-        None => std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/omniglot")),
-    }
-}
-
 /// Both real splits with their alphabets, loaded once for all tests; `None` (and the test skips) without the data.
 fn real() -> Option<&'static Datasets> {
     static REAL: OnceLock<Option<Datasets>> = OnceLock::new();
     REAL.get_or_init(|| {
-        let dir = data_dir();
-        let tsv = std::fs::read_to_string(dir.join("alphabets.tsv")).ok()?;
+        let tsv = std::fs::read_to_string(crate::datadir::omniglot_file_for_tests("alphabets.tsv")?).ok()?;
         let load = |file: &str, split: &str| -> Option<Arc<OmniglotSet>> {
-            let f = std::fs::File::open(dir.join(file)).ok()?;
+            let f = std::fs::File::open(crate::datadir::omniglot_file_for_tests(file)?).ok()?;
             let set = OmniglotSet::from_npz(std::io::BufReader::new(f)).expect("the real .npz loads");
             let rows = alphabets::parse(&tsv, split, set.n_chars()).expect("alphabets.tsv parses");
             Some(Arc::new(set.with_alphabets(rows).expect("one alphabet per row")))
@@ -35,7 +26,7 @@ fn real() -> Option<&'static Datasets> {
     })
     .as_ref()
     .or_else(|| {
-        println!("SKIPPED: the Omniglot data is not in {}", data_dir().display());
+        println!("SKIPPED: the Omniglot data was not found");
         None
     })
 }
