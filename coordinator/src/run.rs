@@ -47,6 +47,8 @@ const QUARANTINE: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(500);
 /// Say so when a batch has waited this long without any worker.
 const NO_WORKER_WARNING: Duration = Duration::from_secs(10);
+/// After the first, one warning per this many gradients that could not be spilled.
+const SPILL_FAILURE_LOG_EVERY: u64 = 100;
 
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -112,6 +114,8 @@ pub struct Trainer {
     pub defence_counts: DefenceCounts,
     /// Gradients that waited on disk rather than in memory (see `cluster.reorder_memory_mb`).
     pub gradients_spilled: u64,
+    /// Gradients that should have been spilled but could not be (kept in memory).
+    spill_failures: u64,
 }
 
 /// What the `[corrupt]` option did and what the defence caught, over the whole run.
@@ -222,6 +226,7 @@ impl Trainer {
             reassigned_before: 0,
             defence_counts: DefenceCounts::default(),
             gradients_spilled: 0,
+            spill_failures: 0,
         }
     }
 
@@ -397,6 +402,18 @@ impl Trainer {
         Ok(collector.finish(self.config.train.max_grad_norm, defence)?)
     }
 
+    /// Says that a gradient could not be spilled (it stays in memory): the first time, then every
+    /// [`SPILL_FAILURE_LOG_EVERY`]th, so a folder that fills up does not flood the log.
+    fn note_spill_failure(&mut self, e: &SpillError) {
+        self.spill_failures += 1;
+        if self.spill_failures == 1 || self.spill_failures.is_multiple_of(SPILL_FAILURE_LOG_EVERY) {
+            tracing::warn!(
+                "could not spill a waiting gradient, keeping it in memory ({} so far this run): {e}",
+                self.spill_failures
+            );
+        }
+    }
+
     /// Counts the gradients a finished batch spilled, and says the first time a run spills at all.
     fn note_spills(&mut self, collector: &BatchCollector) {
         let n = collector.spilled() as u64;
@@ -525,7 +542,7 @@ impl Trainer {
                         // The gradient is in the sum, or parked within cluster.reorder_memory_mb, or on disk.
                         drop(permit);
                         if let Some(e) = collector.take_spill_failure() {
-                            tracing::warn!("could not spill a waiting gradient, keeping it in memory: {e}");
+                            self.note_spill_failure(&e);
                         }
                     }
                     // Benign: a slower copy of a task already done, or a late copy from an earlier batch.

@@ -96,6 +96,12 @@ impl FileSpill {
     }
 }
 
+/// Checks at start that `dir` takes a spill file (creates one, unlinked, and drops it), so a folder
+/// that cannot is reported before the run rather than at its first spilled gradient.
+pub fn probe(dir: &Path) -> Result<(), SpillError> {
+    create_unlinked(dir).map(drop)
+}
+
 /// A new file in `dir` (made if missing), unlinked as soon as it is open.
 fn create_unlinked(dir: &Path) -> Result<File, SpillError> {
     let create = |source| SpillError::Create { dir: dir.to_path_buf(), source };

@@ -211,6 +211,20 @@ fn refuse_overwriting_base(config: &Config, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A `cluster.spill_dir` the user named must take a spill file: an error now, not a warning per
+/// gradient later. The default (the system's temporary folder) only gets a warning, since a run whose
+/// gradients all fit in `cluster.reorder_memory_mb` never spills.
+fn check_spill_folder(config: &Config) -> Result<()> {
+    match (crate::spill::probe(&config.cluster.spill_folder()), &config.cluster.spill_dir) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Some(_)) => bail!("cluster.spill_dir: {e}"),
+        (Err(e), None) => {
+            tracing::warn!("gradients waiting beyond cluster.reorder_memory_mb will stay in memory: {e}");
+            Ok(())
+        }
+    }
+}
+
 /// The config, output directory (locked) and, when resuming, the checkpoint to continue from.
 fn prepare(args: &TrainArgs) -> Result<(Config, PathBuf, std::fs::File, Option<Checkpoint>)> {
     let Some(dir) = &args.resume else {
@@ -318,6 +332,7 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
         bail!("--worker-threads must be in 1..=1024, got {}", args.worker_threads);
     }
     let (config, out, _lock, resume) = prepare(&args)?;
+    check_spill_folder(&config)?;
     let started = Instant::now();
 
     // Metrics first, so that everything after is observable.
