@@ -38,7 +38,7 @@ pub fn tasks_needed(report: &serde_json::Value) -> Option<u64> {
     let c = &report["config"];
     let steps = c["train"]["steps"].as_u64()?;
     let every = c["eval"]["every"].as_u64()?;
-    let periodic = if every > 0 { steps.saturating_sub(1) / every } else { 0 };
+    let periodic = steps.saturating_sub(1).checked_div(every).unwrap_or(0);
     Some(
         steps * c["train"]["meta_batch"].as_u64()?
             + periodic * c["eval"]["tasks"].as_u64()?
@@ -61,7 +61,7 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 3)]
     pub workers: usize,
     /// Mean seconds between kills (each gap is drawn uniformly from 0.5× to 1.5× this).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
     pub kill_every: f64,
     /// Seed of the chaos (which worker, when).
     #[arg(long, default_value_t = 0)]

@@ -7,7 +7,7 @@
 //! `query_loss` (the post-adaptation query loss) and `pre_adapt_loss`. With `--loss-only` it writes just
 //! the two losses (used by the finite-difference check).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -74,7 +74,7 @@ fn read(path: &PathBuf) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// The tensor `name` of `path`, which must hold f32 or f64 values, all finite.
-fn take(tensors: &[(String, Tensor)], name: &str, path: &PathBuf) -> Result<Tensor> {
+fn take(tensors: &[(String, Tensor)], name: &str, path: &Path) -> Result<Tensor> {
     let t = tensors
         .iter()
         .find(|(n, _)| n == name)

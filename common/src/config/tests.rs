@@ -39,7 +39,7 @@ fn out_of_range_values_are_refused_before_they_can_overflow_or_starve() {
         ["task_timeout_secs=1e300", "task_timeout_secs=1e19", "task_timeout_secs=nan", "task_timeout_secs=1e-300"]
             .map(|s| format!("cluster.{s}"))
     {
-        let e = Config::from_toml_with_overrides("", &[bad.clone()]).unwrap_err();
+        let e = Config::from_toml_with_overrides("", std::slice::from_ref(&bad)).unwrap_err();
         assert!(e.to_string().contains("cluster.task_timeout_secs"), "{bad}: {e}");
     }
     let omniglot = "[task]\ndistribution = \"omniglot\"\n[model]\nname = \"conv4\"\n";
