@@ -6,9 +6,10 @@
 //! at a time, when their turn comes. The collector only sees the trait; [`FileSpill`] is the one that
 //! does I/O, [`MemorySpill`] is for tests.
 //!
-//! A spilled gradient was validated before it was stored. It is checked again when it is read back
-//! (every value finite, the length it was stored with), so a failing disk cannot put garbage into the
-//! mean: the run stops with the error instead.
+//! A spilled gradient was validated before it was stored. It is checked again when it is read back,
+//! before any of it is used: each [`SPILL_CHUNK`] block against a checksum taken when it was written
+//! (so a block lost to truncation, which reads back as zeros, or overwritten is caught), and every value
+//! finite. A failing disk cannot put garbage into the mean: the run stops with the error instead.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -20,11 +21,13 @@ use thiserror::Error;
 /// that reading back a gradient never holds more than this besides the sum.
 pub const SPILL_CHUNK: usize = 1 << 18;
 
-/// A stored gradient: where it is and how many values it has.
+/// A stored gradient: where it is, how many values it has, and (for a file) the index of its first
+/// block's checksum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ticket {
     offset: u64,
     len: usize,
+    block: usize,
 }
 
 impl Ticket {
@@ -49,6 +52,11 @@ pub enum SpillError {
         "a spilled gradient read back with a non-finite value at index {index}: the spill file in {dir} is damaged"
     )]
     Damaged { dir: PathBuf, index: usize },
+    #[error(
+        "values {start}..{end} of a spilled gradient read back other than written (checksum mismatch): the spill \
+         file in {dir} is damaged"
+    )]
+    Corrupted { dir: PathBuf, start: usize, end: usize },
     #[error("read of values {start}..{end} of a spilled gradient of {len}")]
     OutOfRange { start: usize, end: usize, len: usize },
 }
@@ -75,12 +83,14 @@ pub struct FileSpill {
     file: Option<File>,
     end: u64,
     bytes: Vec<u8>,
+    /// One checksum per block written, in order; a ticket knows where its own start.
+    sums: Vec<u64>,
 }
 
 impl FileSpill {
     /// A store in `dir` (created if missing); nothing touches the disk before the first `put`.
     pub fn new(dir: &Path) -> FileSpill {
-        FileSpill { dir: dir.to_path_buf(), file: None, end: 0, bytes: Vec::new() }
+        FileSpill { dir: dir.to_path_buf(), file: None, end: 0, bytes: Vec::new(), sums: Vec::new() }
     }
 
     /// Bytes written so far.
@@ -120,6 +130,28 @@ fn create_unlinked(dir: &Path) -> Result<File, SpillError> {
     }
 }
 
+/// A fast 64-bit checksum of a block's bytes (four independent multiply-rotate lanes; not
+/// cryptographic: it guards against a damaged disk or file, not against an attacker with access to it).
+fn checksum(bytes: &[u8]) -> u64 {
+    const K: [u64; 4] = [0x9E37_79B9_7F4A_7C15, 0xC2B2_AE3D_27D4_EB4F, 0x1656_67B1_9E37_79F9, 0xFF51_AFD7_ED55_8CCD];
+    let mut lanes = K;
+    let mut words = bytes.chunks_exact(32);
+    for w in &mut words {
+        for (l, (lane, k)) in lanes.iter_mut().zip(K).enumerate() {
+            let v = u64::from_le_bytes(w[8 * l..8 * l + 8].try_into().unwrap_or_default());
+            *lane = (*lane ^ v).wrapping_mul(k).rotate_left(31);
+        }
+    }
+    let mut h = bytes.len() as u64;
+    for b in words.remainder() {
+        h = (h ^ u64::from(*b)).wrapping_mul(K[0]).rotate_left(31);
+    }
+    for lane in lanes {
+        h = (h ^ lane).wrapping_mul(K[1]).rotate_left(27);
+    }
+    h ^ (h >> 29)
+}
+
 /// A number that differs between stores of one process.
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,9 +161,10 @@ fn unique() -> u64 {
 
 impl SpillStore for FileSpill {
     fn put(&mut self, values: &[f32]) -> Result<Ticket, SpillError> {
-        let offset = self.end;
+        let (offset, block) = (self.end, self.sums.len());
         let dir = self.dir.clone();
         let mut bytes = std::mem::take(&mut self.bytes);
+        let mut sums = std::mem::take(&mut self.sums);
         let mut written = offset;
         let result = (|| {
             let file = self.file()?;
@@ -139,15 +172,20 @@ impl SpillStore for FileSpill {
                 bytes.clear();
                 bytes.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
                 file.write_all_at(&bytes, written).map_err(|source| SpillError::Write { dir: dir.clone(), source })?;
+                sums.push(checksum(&bytes));
                 written += bytes.len() as u64;
             }
             Ok(())
         })();
         self.bytes = bytes;
-        // After a failed write `end` stays put: the next `put` overwrites what was written of this one.
+        self.sums = sums;
+        // After a failed write `end` and the checksums stay put: the next `put` overwrites this one.
+        if result.is_err() {
+            self.sums.truncate(block);
+        }
         result?;
         self.end = written;
-        Ok(Ticket { offset, len: values.len() })
+        Ok(Ticket { offset, len: values.len(), block })
     }
 
     fn read(&mut self, ticket: Ticket, start: usize, out: &mut [f32]) -> Result<(), SpillError> {
@@ -159,17 +197,29 @@ impl SpillStore for FileSpill {
                 dir: dir.clone(),
                 source: std::io::Error::other("nothing was spilled"),
             })?;
-            for (i, chunk) in out.chunks_mut(SPILL_CHUNK).enumerate() {
-                let first = start + i * SPILL_CHUNK;
-                bytes.resize(chunk.len() * 4, 0);
-                file.read_exact_at(&mut bytes, ticket.offset + first as u64 * 4)
+            // Whole blocks are read and checked before any value is used (the collector reads whole
+            // blocks anyway; a range inside a block costs the rest of the block).
+            let end = start + out.len();
+            let mut at = start;
+            while at < end {
+                let b = at / SPILL_CHUNK;
+                let (b_start, b_end) = (b * SPILL_CHUNK, ((b + 1) * SPILL_CHUNK).min(ticket.len));
+                bytes.resize((b_end - b_start) * 4, 0);
+                file.read_exact_at(&mut bytes, ticket.offset + b_start as u64 * 4)
                     .map_err(|source| SpillError::Read { dir: dir.clone(), source })?;
-                for (j, (v, b)) in chunk.iter_mut().zip(bytes.chunks_exact(4)).enumerate() {
+                if self.sums.get(ticket.block + b) != Some(&checksum(&bytes)) {
+                    return Err(SpillError::Corrupted { dir: dir.clone(), start: b_start, end: b_end });
+                }
+                let take = end.min(b_end) - at;
+                let from = (at - b_start) * 4;
+                let dst = &mut out[at - start..at - start + take];
+                for (j, (v, b)) in dst.iter_mut().zip(bytes[from..].chunks_exact(4)).enumerate() {
                     *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                     if !v.is_finite() {
-                        return Err(SpillError::Damaged { dir: dir.clone(), index: first + j });
+                        return Err(SpillError::Damaged { dir: dir.clone(), index: at + j });
                     }
                 }
+                at += take;
             }
             Ok(())
         })();
@@ -203,7 +253,7 @@ impl SpillStore for MemorySpill {
         let offset = self.values.len() as u64;
         self.values.extend_from_slice(values);
         self.puts += 1;
-        Ok(Ticket { offset, len: values.len() })
+        Ok(Ticket { offset, len: values.len(), block: 0 })
     }
 
     fn read(&mut self, ticket: Ticket, start: usize, out: &mut [f32]) -> Result<(), SpillError> {
@@ -257,10 +307,35 @@ mod tests {
         let dir = temp_dir("damaged");
         let mut store = FileSpill::new(&dir);
         let t = store.put(&[1.0, 2.0, 3.0]).unwrap();
-        // Damage the second value behind the store's back.
-        store.file.as_ref().unwrap().write_all_at(&f32::NAN.to_le_bytes(), 4).unwrap();
+        // Damage the second value behind the store's back: a finite change, then a NaN.
+        store.file.as_ref().unwrap().write_all_at(&5.0f32.to_le_bytes(), 4).unwrap();
         let err = store.read(t, 0, &mut [0.0; 3]).unwrap_err();
-        assert!(matches!(err, SpillError::Damaged { index: 1, .. }), "{err}");
+        assert!(matches!(err, SpillError::Corrupted { start: 0, end: 3, .. }), "{err}");
+        store.file.as_ref().unwrap().write_all_at(&f32::NAN.to_le_bytes(), 4).unwrap();
+        assert!(store.read(t, 0, &mut [0.0; 3]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What a truncated file looks like once the next gradient re-extends it: a hole of zeros, every
+    /// value finite. The block's checksum catches it, before any value of the block is handed out.
+    #[test]
+    fn a_block_lost_to_truncation_is_caught_not_read_as_zeros() {
+        let dir = temp_dir("truncated");
+        let mut store = FileSpill::new(&dir);
+        let a: Vec<f32> = (0..SPILL_CHUNK * 2 + 5).map(|i| 1.0 + i as f32).collect();
+        let ta = store.put(&a).unwrap();
+        let file = store.file.as_ref().unwrap();
+        file.set_len(SPILL_CHUNK as u64 * 4 + 8).unwrap(); // keeps the first block and 2 values
+        let tb = store.put(&[7.0; 3]).unwrap(); // writes past the old end: the gap reads as zeros
+        let mut out = vec![0.0; SPILL_CHUNK];
+        store.read(ta, 0, &mut out).unwrap(); // the first block is intact
+        assert_eq!(out[..], a[..SPILL_CHUNK]);
+        let err = store.read(ta, SPILL_CHUNK, &mut out).unwrap_err();
+        assert!(matches!(err, SpillError::Corrupted { .. }), "{err}");
+        assert!(out.iter().all(|v| *v >= 1.0), "nothing of a bad block is written into the output");
+        let mut b = [0.0; 3];
+        store.read(tb, 0, &mut b).unwrap();
+        assert_eq!(b, [7.0; 3]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
