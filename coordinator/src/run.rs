@@ -465,11 +465,23 @@ impl Trainer {
                 if self.names_seen.len() < MAX_TASK_FAILURES {
                     self.names_seen.insert(name.clone());
                 }
+                // One process per name: older connections under it are a restarted worker's dead ones.
+                let mut actions = Vec::new();
+                let older: Vec<WorkerId> =
+                    self.workers.iter().filter(|(_, w)| w.name == name).map(|(&id, _)| id).collect();
+                for old in older {
+                    tracing::info!(
+                        "worker {old} ({name}) superseded by worker {worker} under the same name (a restart?): \
+                         its tasks are queued again and it gets no more"
+                    );
+                    actions.extend(self.scheduler.worker_retired(old, now));
+                }
                 self.workers.insert(worker, WorkerEntry { name, outbox, quarantined: false });
                 self.max_workers = self.max_workers.max(self.workers.len());
                 metrics::gauge!("metatrain_workers_connected").set(self.workers.len() as f64);
                 metrics::counter!("metatrain_workers_joined_total").increment(1);
-                Ok(self.scheduler.worker_joined(worker, limit, now))
+                actions.extend(self.scheduler.worker_joined(worker, limit, now));
+                Ok(actions)
             }
             Event::Left { worker, reason } => {
                 if let Some(w) = self.workers.remove(&worker) {

@@ -9,6 +9,8 @@
 //! from whichever worker returns it first, only from a worker that was given the task, and only for the
 //! version and mode it was assigned in; everything else gets a [`Verdict`] saying why it was dropped.
 //! A task whose copy failed (or was refused) on a worker goes to another worker when one is connected.
+//! A worker *retired* by a newer connection under its name (a restarted process whose old connection
+//! has not timed out) gets nothing more, and the tasks it runs are queued again at once.
 //!
 //! A worker's in-flight slots are truthful: a slot stays taken until that worker returns the task (or
 //! leaves), even if the task was meanwhile reassigned or finished elsewhere. So a stalled worker is not
@@ -72,6 +74,8 @@ struct Worker {
     /// Tasks held, with when each was assigned to this worker.
     in_flight: BTreeMap<TaskId, Instant>,
     version: Option<u64>,
+    /// Superseded by a newer connection under its name: no new tasks or copies.
+    retired: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -144,7 +148,27 @@ impl Scheduler {
 
     /// A worker that may hold `limit` tasks at once joined.
     pub fn worker_joined(&mut self, worker: WorkerId, limit: usize, now: Instant) -> Vec<Action> {
-        self.workers.insert(worker, Worker { limit: limit.max(1), in_flight: BTreeMap::new(), version: None });
+        let w = Worker { limit: limit.max(1), in_flight: BTreeMap::new(), version: None, retired: false };
+        self.workers.insert(worker, w);
+        self.fill(now)
+    }
+
+    /// `worker` was superseded by a newer connection under its name: almost surely a process that died
+    /// (SIGKILL, a lost machine) and restarted before QUIC's idle timeout closed its old connection. It
+    /// gets no more tasks or copies, and every task it runs that no other active worker runs is queued
+    /// again now rather than at its deadline. It stays their holder, so a late answer is still accepted.
+    pub fn worker_retired(&mut self, worker: WorkerId, now: Instant) -> Vec<Action> {
+        let Some(w) = self.workers.get_mut(&worker) else { return Vec::new() };
+        w.retired = true;
+        let held: Vec<TaskId> = w.in_flight.keys().copied().collect();
+        for id in held {
+            let covered = self.tasks.get(&id).is_some_and(|t| {
+                t.holders.iter().any(|h| *h != worker && self.workers.get(h).is_some_and(|o| !o.retired))
+            });
+            if !covered {
+                self.requeue(id);
+            }
+        }
         self.fill(now)
     }
 
@@ -307,13 +331,13 @@ impl Scheduler {
     /// still holding, nor one that failed on it while another worker could take it.
     fn fill(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
-        let connected: Vec<WorkerId> = self.workers.keys().copied().collect();
+        let connected: Vec<WorkerId> = self.workers.iter().filter(|(_, w)| !w.retired).map(|(&id, _)| id).collect();
         let mut suspects = self.suspects(now);
-        if suspects.len() == self.workers.len() {
+        if suspects.len() == connected.len() {
             suspects.clear(); // nobody looks healthy: use everyone
         }
         let free_of = |wid: &WorkerId, w: &Worker| {
-            if suspects.contains(wid) {
+            if w.retired || suspects.contains(wid) {
                 0
             } else {
                 w.limit.saturating_sub(w.in_flight.len())
@@ -361,13 +385,13 @@ impl Scheduler {
         }
         let threshold = self.straggler_threshold();
         let mut suspects = self.suspects(now);
-        if suspects.len() == self.workers.len() {
+        if suspects.len() == self.workers.values().filter(|w| !w.retired).count() {
             suspects.clear(); // nobody looks healthy: use everyone
         }
         let mut actions = Vec::new();
         for (&wid, w) in self.workers.iter_mut() {
             let free = w.limit.saturating_sub(w.in_flight.len());
-            if free == 0 || suspects.contains(&wid) {
+            if free == 0 || w.retired || suspects.contains(&wid) {
                 continue;
             }
             // Oldest first, as many as the worker has room for: it computes them as one batch.
@@ -414,6 +438,7 @@ impl Scheduler {
         let threshold = self.straggler_threshold();
         self.workers
             .iter()
+            .filter(|(_, w)| !w.retired)
             .filter(|(_, w)| w.in_flight.values().any(|&at| now.saturating_duration_since(at) >= threshold))
             .map(|(&wid, _)| wid)
             .collect()

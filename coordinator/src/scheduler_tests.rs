@@ -328,3 +328,51 @@ fn tasks_wait_for_a_first_worker() {
     assert_eq!(params_sent(&a), 1);
     assert_eq!(assigned(&a, 9), vec![0, 1, 2]);
 }
+
+/// The attack helper's case: a worker holding a task is SIGKILLed and restarts under its name while
+/// the dead connection lingers (QUIC's idle timeout). Before retirement, the straggler's copy went to a
+/// second dead, idle connection (lowest id first) and a live idle worker waited 15 s for the timeouts.
+#[test]
+fn a_superseded_worker_gets_nothing_and_its_tasks_go_to_a_live_worker_at_once() {
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(Duration::from_secs(120));
+    s.worker_joined(1, 1, t0);
+    let a = s.start_batch(0, batch(0, 1, 200), t0);
+    assert_eq!(assigned(&a, 1), vec![200]);
+    s.worker_joined(2, 1, t0); // another connection, idle (dead too, in the attack's run)
+                               // Worker 1 restarts as worker 3: worker 1 is retired, its task is queued and goes to the newcomer.
+    let t1 = t0 + Duration::from_millis(100);
+    let mut a = s.worker_retired(1, t1);
+    a.extend(s.worker_joined(3, 1, t1));
+    let to_new: Vec<TaskId> = [assigned(&a, 2), assigned(&a, 3)].concat();
+    assert_eq!(to_new, vec![200], "the task is running again on an active worker: {a:?}");
+    assert_eq!(s.stats.reassigned, 1);
+    assert!(assigned(&a, 1).is_empty());
+    // Worker 2 is retired too (its name restarted as worker 4); worker 4 picks up what 2 held.
+    let mut a = s.worker_retired(2, t1);
+    a.extend(s.worker_joined(4, 1, t1));
+    if !assigned(&a, 4).is_empty() {
+        assert_eq!(assigned(&a, 4), vec![200]);
+    }
+    // Much later, stragglers are copied only to active workers, never to the retired 1 and 2.
+    for t in 1..200 {
+        let a = s.tick(t1 + Duration::from_millis(100 * t));
+        assert!(assigned(&a, 1).is_empty() && assigned(&a, 2).is_empty(), "{a:?}");
+    }
+    // A late answer from the retired original is still accepted (it stayed a holder).
+    let (v, _) = s.result(1, 200, 0, Mode::Train, t1 + Duration::from_secs(20));
+    assert_eq!(v, Verdict::Accepted { index: 0 });
+    assert!(s.batch_done());
+}
+
+#[test]
+fn a_retired_worker_does_not_take_new_batches() {
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(Duration::from_secs(10));
+    s.worker_joined(1, 4, t0);
+    s.worker_joined(2, 4, t0);
+    s.worker_retired(1, t0);
+    let a = s.start_batch(0, batch(0, 6, 100), t0);
+    assert!(assigned(&a, 1).is_empty());
+    assert_eq!(assigned(&a, 2), vec![100, 101, 102, 103]);
+}
