@@ -10,7 +10,9 @@
 //! [`MIN_DEADLINE`]), the run is stopped and its missing tasks are counted as lost. A run that is slow
 //! but moving (kills so frequent that workers barely start) is not cut short.
 //!
-//! A chaos run that finishes before the first kill tested nothing: the command says so and fails.
+//! A kill counts only if its worker had joined the run (the coordinator logged it); a chaos run with no
+//! such kill — it finished first, or every kill hit a worker still starting — tested nothing: the
+//! command says so and fails.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -31,6 +33,8 @@ use crate::local::find_worker_binary;
 const STALL_FACTOR: f64 = 5.0;
 /// ... but never less than this, so that short runs are not judged on start-up noise.
 const MIN_DEADLINE: Duration = Duration::from_secs(120);
+/// How often the chaos loop reads the coordinator's log, checks progress and decides on a kill.
+const POLL: Duration = Duration::from_millis(100);
 
 /// Tasks a finished run must have completed, from its report's config: every meta-step's meta-batch,
 /// the periodic evaluations (after each `eval.every` steps, before the last) and the final evaluation.
@@ -112,8 +116,9 @@ pub fn run(args: ChaosArgs) -> Result<()> {
     if args.workers < 2 {
         bail!("--workers must be at least 2 (one is always being killed)");
     }
-    if !(args.kill_every > 0.0 && args.kill_every <= 86_400.0) {
-        bail!("--kill-every must be a number of seconds in (0, 86400], got {}", args.kill_every);
+    // Kills are checked every POLL, so shorter gaps would only mean one kill per check.
+    if !(POLL.as_secs_f64()..=86_400.0).contains(&args.kill_every) {
+        bail!("--kill-every must be a number of seconds in [{}, 86400], got {}", POLL.as_secs_f64(), args.kill_every);
     }
     let out =
         args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("chaos-{}", crate::train::utc_stamp())));
@@ -134,7 +139,8 @@ pub fn run(args: ChaosArgs) -> Result<()> {
         args.kill_every,
         chaos_out.display()
     );
-    let mut coord = train_command(&args, &chaos_out, 0)?.stderr(Stdio::piped()).spawn()?;
+    // Info level whatever RUST_LOG says: the kills are judged by the coordinator's "joined" lines.
+    let mut coord = train_command(&args, &chaos_out, 0)?.env("RUST_LOG", "info").stderr(Stdio::piped()).spawn()?;
     let stderr = coord.stderr.take().context("coordinator stderr")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -162,12 +168,21 @@ pub fn run(args: ChaosArgs) -> Result<()> {
         names.iter().map(|n| spawn_worker(&worker_bin, &addr, &fp, &tls, n)).collect::<Result<_>>()?;
     let mut rng = keyed_rng(&[args.chaos_seed, 0xC4A05]);
     let mut kills = 0u64;
+    // Whether each worker has joined since it was last (re)started, from the coordinator's log.
+    let mut joined = vec![false; names.len()];
+    let mut effective = 0u64;
     let mut next_kill = Instant::now() + Duration::from_secs_f64(args.kill_every * rng.gen_range(0.5..1.5));
     let started = Instant::now();
     let progress_file = chaos_out.join("metrics.csv");
     let (mut progress, mut last_progress) = (0u64, Instant::now());
     let status = loop {
-        while rx.try_recv().is_ok() {}
+        while let Ok(line) = rx.try_recv() {
+            if line.contains(" joined from ") {
+                for (i, n) in names.iter().enumerate() {
+                    joined[i] |= line.contains(&format!("({n},"));
+                }
+            }
+        }
         if let Some(s) = coord.try_wait()? {
             break Some(s);
         }
@@ -191,11 +206,12 @@ pub fn run(args: ChaosArgs) -> Result<()> {
             let _ = workers[i].kill();
             let _ = workers[i].wait();
             kills += 1;
+            effective += u64::from(std::mem::take(&mut joined[i]));
             eprintln!("chaos: t={:.0}s killed {} (SIGKILL), restarting it", started.elapsed().as_secs_f64(), names[i]);
             workers[i] = spawn_worker(&worker_bin, &addr, &fp, &tls, &names[i])?;
             next_kill = Instant::now() + Duration::from_secs_f64(args.kill_every * rng.gen_range(0.5..1.5));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(POLL);
     };
     for w in &mut workers {
         let _ = w.kill();
@@ -204,25 +220,36 @@ pub fn run(args: ChaosArgs) -> Result<()> {
     let reference = report(&out.join("reference"))?;
     let expected = tasks_needed(&reference).context("the reference report has no config")?;
     let Some(status) = status else {
-        println!("chaos run: {kills} workers killed; it stalled: tasks were lost (the run could not finish)");
+        println!(
+            "chaos run: {kills} workers killed ({effective} after they had joined); it stalled: no meta-step finished \
+             for {:.0}s (a task was lost, or kills came faster than workers could start)",
+            allowed.as_secs_f64()
+        );
         bail!("chaos check failed");
     };
     if !status.success() {
         bail!("the chaos run failed ({status})");
     }
-    if kills == 0 {
+    if effective == 0 {
         bail!(
-            "the chaos run finished in {:.1}s, before the first kill, so nothing was tested: lower --kill-every \
-             (now {}s) or raise --steps",
+            "the chaos run finished in {:.1}s with {kills} kill(s), none of a worker that had joined, so nothing \
+             was tested: {}",
             started.elapsed().as_secs_f64(),
-            args.kill_every
+            if kills == 0 {
+                format!("lower --kill-every (now {}s) or raise --steps", args.kill_every)
+            } else {
+                format!("raise --kill-every (now {}s): workers need time to start", args.kill_every)
+            }
         );
     }
     let chaos = report(&chaos_out)?;
     let completed = chaos["tasks_completed"].as_u64().unwrap_or(0);
     let lost = expected.saturating_sub(completed);
     let equal = reference["params_sha256"] == chaos["params_sha256"] && chaos["params_sha256"].is_string();
-    println!("chaos run: {kills} workers killed in {:.0}s", started.elapsed().as_secs_f64());
+    println!(
+        "chaos run: {kills} workers killed in {:.0}s ({effective} after they had joined)",
+        started.elapsed().as_secs_f64()
+    );
     println!(
         "tasks: {completed} completed of the {expected} the run needs ({lost} lost); {} reassigned, {} duplicated, {} results refused",
         chaos["tasks_reassigned"], chaos["tasks_duplicated"], chaos["results_rejected"]
