@@ -70,6 +70,8 @@ pub enum BenchError {
     Task(String),
     #[error("{failed} of {ran} cases failed (see above)")]
     CasesFailed { failed: usize, ran: usize },
+    #[error("all {0} cases were skipped by the limits above, so nothing was measured (raise --max-memory-gb or --max-step-gb, or choose smaller --layouts / --workers)")]
+    AllSkipped(usize),
 }
 
 #[derive(Subcommand, Debug)]
@@ -329,6 +331,9 @@ fn coordinator(args: &CoordinatorArgs) -> Result<(), BenchError> {
     }
     if failed > 0 {
         return Err(BenchError::CasesFailed { failed, ran });
+    }
+    if ran == 0 {
+        return Err(BenchError::AllSkipped(skipped.len()));
     }
     Ok(())
 }
