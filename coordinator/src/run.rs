@@ -29,7 +29,7 @@ use crate::local::LocalWorkers;
 use crate::optim::Adam;
 use crate::scheduler::{Action, Scheduler, SchedulerStats, Verdict, WorkerId};
 use crate::server::{Event, Outbound, Quarantine};
-use crate::spill::{FileSpill, SpillError};
+use crate::spill::{FileSpill, MemorySpill, SpillError};
 
 /// A task whose results are refused (or which fails) on this many different workers (or on two, if the
 /// run has had only two) aborts the run: the failure is deterministic (diverged training, missing
@@ -336,6 +336,50 @@ impl Trainer {
             metrics::gauge!("metatrain_meta_test_accuracy").set(a.mean);
         }
         Ok(s)
+    }
+
+    /// Before the first meta-step: waits until `n` workers have joined, or `max_wait` has passed (then
+    /// the run starts with those there, saying so; with none it waits on as every batch does). Joins,
+    /// leaves and anything else a worker sends are handled as during a batch (with no task to take).
+    pub async fn wait_for_workers(
+        &mut self,
+        n: usize,
+        max_wait: Duration,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), RunError> {
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let no_tasks = HashMap::new();
+        let reorder = Reorder { memory_bytes: 0, store: Box::new(MemorySpill::refusing()) };
+        let mut collector = BatchCollector::new(0, None, false, reorder);
+        let mut tick = tokio::time::interval(TICK);
+        while self.workers.len() < n {
+            tokio::select! {
+                ev = self.events.recv() => {
+                    let ev = ev.ok_or(RunError::ServerGone)?;
+                    // No batch has started, so the scheduler has nothing to hand out.
+                    let _ = self.handle(ev, 0, Mode::Train, &no_tasks, &mut collector)?;
+                }
+                _ = tick.tick() => {
+                    if let Some(local) = self.local.as_mut() {
+                        if !local.is_empty() && local.alive() == 0 {
+                            return Err(RunError::LocalWorkersGone(local.count(), String::new()));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    if !self.workers.is_empty() {
+                        tracing::warn!(
+                            "{} of the {n} workers to wait for joined within {}s; starting with them",
+                            self.workers.len(),
+                            max_wait.as_secs_f64()
+                        );
+                    }
+                    return Ok(());
+                }
+                _ = stop.changed() => return Err(RunError::Interrupted),
+            }
+        }
+        Ok(())
     }
 
     async fn run_batch(

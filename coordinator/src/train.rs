@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -51,6 +51,14 @@ pub struct TrainArgs {
     /// Worker processes to start on this machine for the run (0: wait for external workers).
     #[arg(long, default_value_t = 2)]
     pub local_workers: usize,
+    /// Before the first meta-step, wait until this many workers have joined, for at most
+    /// --wait-workers-secs (then start with those there). Default: the --local-workers count, so a
+    /// short run is not done before its second local worker is up. Later joiners are always welcome.
+    #[arg(long, value_name = "N")]
+    pub wait_workers: Option<usize>,
+    /// The longest --wait-workers waits, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub wait_workers_secs: f64,
     /// libtorch threads per task on local workers. Default 1: each local worker instead computes
     /// cores / local-workers tasks at once, and results stay bitwise identical whatever the worker count.
     #[arg(long, default_value_t = 1)]
@@ -325,6 +333,9 @@ const MAX_LOCAL_WORKERS: usize = 256;
 
 /// Runs a whole training job; returns the output directory.
 pub async fn run(args: TrainArgs) -> Result<PathBuf> {
+    if !(0.0..=86_400.0).contains(&args.wait_workers_secs) {
+        bail!("--wait-workers-secs must be in [0, 86400], got {}", args.wait_workers_secs);
+    }
     if args.local_workers > MAX_LOCAL_WORKERS {
         bail!("--local-workers must be at most {MAX_LOCAL_WORKERS}, got {}", args.local_workers);
     }
@@ -412,7 +423,14 @@ pub async fn run(args: TrainArgs) -> Result<PathBuf> {
         }
         None => 0,
     };
-    let outcome = train_loop(&mut trainer, &out, start_step, stop_rx).await;
+    let mut stop_rx = stop_rx;
+    let wait_for = args.wait_workers.unwrap_or(args.local_workers);
+    let waited =
+        trainer.wait_for_workers(wait_for, Duration::from_secs_f64(args.wait_workers_secs), &mut stop_rx).await;
+    let outcome = match waited {
+        Ok(()) => train_loop(&mut trainer, &out, start_step, stop_rx).await,
+        Err(e) => Err((start_step, e)),
+    };
     trainer.shutdown_workers(if outcome.is_ok() { "run finished" } else { "run stopped" }).await;
     endpoint.close(0u32.into(), b"run over");
     let (final_step, eval, interrupted) = match outcome {

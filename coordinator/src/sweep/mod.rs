@@ -196,7 +196,11 @@ pub async fn run(args: SweepArgs) -> Result<()> {
             .arg("--metrics-addr")
             .arg(&args.metrics_addr)
             .arg("--metrics-label")
-            .arg(format!("run={}", r.name));
+            .arg(format!("run={}", r.name))
+            // Every run starts once the pool is back (it reconnects after each run), so that a short
+            // run is not over before its second worker joins.
+            .arg("--wait-workers")
+            .arg(pool.as_mut().map_or(0, |p| p.alive()).to_string());
         cmd.process_group(0);
         let mut child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
         CHILD.store(child.id().map_or(0, |p| p as i32), Ordering::SeqCst);
