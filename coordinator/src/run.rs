@@ -359,13 +359,7 @@ impl Trainer {
                     // No batch has started, so the scheduler has nothing to hand out.
                     let _ = self.handle(ev, 0, Mode::Train, &no_tasks, &mut collector)?;
                 }
-                _ = tick.tick() => {
-                    if let Some(local) = self.local.as_mut() {
-                        if !local.is_empty() && local.alive() == 0 {
-                            return Err(RunError::LocalWorkersGone(local.count(), String::new()));
-                        }
-                    }
-                }
+                _ = tick.tick() => self.check_local_workers()?,
                 _ = tokio::time::sleep_until(deadline) => {
                     if !self.workers.is_empty() {
                         tracing::warn!(
@@ -423,15 +417,8 @@ impl Trainer {
                     let actions = self.scheduler.tick(Instant::now());
                     self.export_scheduler_stats();
                     self.dispatch(actions, version, &payload);
+                    self.check_local_workers()?;
                     if self.workers.is_empty() {
-                        if let Some(local) = self.local.as_mut() {
-                            if !local.is_empty() && local.alive() == 0 {
-                                return Err(RunError::LocalWorkersGone(
-                                    local.count(),
-                                    self.last_rejection.clone().map(|r| format!(" (last refused result: {r})")).unwrap_or_default(),
-                                ));
-                            }
-                        }
                         if !warned && waiting_since.elapsed() > NO_WORKER_WARNING {
                             warned = true;
                             tracing::warn!("no worker connected after {}s; waiting (start workers with `metatrain-worker run`)", NO_WORKER_WARNING.as_secs());
@@ -444,6 +431,17 @@ impl Trainer {
         self.note_spills(&collector);
         let defence = hold.then_some((&self.config.defence, &mut self.window));
         Ok(collector.finish(self.config.train.max_grad_norm, defence)?)
+    }
+
+    /// With no worker connected and every local worker exited, nothing will ever compute a task: an
+    /// error naming the last refused result, if any (it is often why they exited).
+    fn check_local_workers(&mut self) -> Result<(), RunError> {
+        let Some(local) = self.local.as_mut().filter(|l| !l.is_empty()) else { return Ok(()) };
+        if self.workers.is_empty() && local.alive() == 0 {
+            let why = self.last_rejection.as_ref().map(|r| format!(" (last refused result: {r})"));
+            return Err(RunError::LocalWorkersGone(local.count(), why.unwrap_or_default()));
+        }
+        Ok(())
     }
 
     /// Says that a gradient could not be spilled (it stays in memory): the first time, then every
