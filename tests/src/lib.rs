@@ -48,6 +48,13 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(cmd: &mut Command, tag: &str) -> Proc {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        // The binaries look for the data near the working directory and near themselves; with
+        // CARGO_TARGET_DIR outside the checkout neither is near it, so name the checkout's data.
+        if let Some(data) = metatrain_common::datadir::for_tests() {
+            if !cmd.get_envs().any(|(k, _)| k == metatrain_common::datadir::ENV) {
+                cmd.env(metatrain_common::datadir::ENV, data);
+            }
+        }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {tag}: {e}"));
         let (tx, rx) = channel();
         for stream in [
